@@ -1,0 +1,160 @@
+"""``mace-mf <verb>``: a thin shell over the modules; every user error is one line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from mace_mf.errors import DataError, RunError, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Multi-fidelity fine-tuning of foundation MACE potentials.",
+)
+recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
+app.add_typer(recipe_app, name="recipe")
+err = Console(stderr=True)
+_state = {"debug": False}
+
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: dotted.key=value.")]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("matplotlib", "PIL", "wandb"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.command()
+def train(
+    recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file.")],
+    out: Annotated[Path | None, typer.Option(help="Output folder (default runs/<name>-<timestamp>).")] = None,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    wandb: Annotated[str | None, typer.Option(help="W&B mode: online, offline or disabled.")] = None,
+) -> None:
+    """Fine-tune a foundation on the recipe's fidelities; evaluate, export and report."""
+    from mace_mf.recipe import load_recipe
+    from mace_mf.run import default_out, train_run
+
+    overrides = list(set_ or [])
+    if wandb is not None:
+        overrides.append(f"wandb.mode={wandb}")
+    if resume and overwrite:
+        raise RunError("--resume and --overwrite exclude each other; choose one")
+    recipe = load_recipe(recipe_file, overrides)
+    if resume and out is None:
+        raise RunError("--resume needs --out pointing at the run folder to continue")
+    target = out or default_out(recipe)
+    train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
+    err.print(f"[green]done[/green]: {target}/report.md")
+
+
+@app.command("eval")
+def evaluate(
+    model_or_run: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN", help="A .model file or a run folder.")],
+    data: Annotated[list[Path], typer.Argument(help="ASE-readable labelled file(s).")],
+    head: Annotated[list[str] | None, typer.Option(help="Head(s) to evaluate (default: all).")] = None,
+    energy_key: Annotated[str, typer.Option(help="Energy key; {head} is replaced by the head name.")] = "{head}_energy",
+    forces_key: Annotated[str, typer.Option(help="Forces key; {head} is replaced by the head name.")] = "{head}_forces",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Configurations per batch.")] = 32,
+) -> None:
+    """Evaluate any MACE model file (or a run's multi-head model) on any labelled data."""
+    from mace_mf.inference import evaluate_model_file
+
+    metrics = evaluate_model_file(model_or_run, [str(p) for p in data], head, energy_key, forces_key, batch_size)
+    from mace_mf.evaluate import metrics_table
+
+    Console().print(metrics_table({"data": metrics}))
+    if json_out is not None:
+        from mace_mf.files import atomic_write_text
+
+        atomic_write_text(json_out, json.dumps(metrics, indent=2))
+
+
+@app.command()
+def export(
+    model_or_run: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN", help="A multi-head .model or a run folder.")],
+    out: Annotated[Path, typer.Option(help="Folder for the exported files.")],
+    fidelity: Annotated[list[str] | None, typer.Option(help="Head(s) to export (default: all).")] = None,
+    torchscript: Annotated[bool, typer.Option(help="Also write TorchScript files.")] = True,
+) -> None:
+    """Write single-head, multi-head and TorchScript files from a multi-head model."""
+    from mace_mf.export import export_models
+    from mace_mf.heads import head_names
+    from mace_mf.inference import load_model_file
+
+    model = load_model_file(model_or_run)
+    names = head_names(model)
+    for name in fidelity or []:
+        if name not in names:
+            raise DataError(f"--fidelity {name!r}: not a head of {model_or_run} (heads: {names})")
+    if out.exists() and any(out.glob("*.model")):
+        raise RunError(f"{out}: already holds exported models; choose another --out")
+    export_models(model, list(fidelity or names), out, multihead=True, torchscript=torchscript)
+
+
+@recipe_app.command("check")
+def recipe_check(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE")], set_: SetOption = None) -> None:
+    """Validate a recipe and print it resolved, with every default filled in."""
+    from mace_mf.recipe import dump_recipe, load_recipe
+
+    sys.stdout.write(dump_recipe(load_recipe(recipe_file, list(set_ or []))))
+
+
+@recipe_app.command("reference")
+def recipe_reference() -> None:
+    """Print the recipe reference (every key, type, default, meaning) as Markdown."""
+    from mace_mf.recipe import reference_markdown
+
+    sys.stdout.write(reference_markdown() + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and turn user errors into one line and exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
+    except UserError as exc:
+        if _state["debug"]:
+            raise
+        err.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.ClickException as exc:
+        err.print(f"[red]error[/red]: {exc.format_message()}", highlight=False, soft_wrap=True)
+        return 2
+    except click.exceptions.Abort:
+        err.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err.print("interrupted; continue with --resume --out <run folder>")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Obtaining a pretrained MACE and describing it.
+
+A foundation is either a local ``.model`` file (a pickled mace-torch module) or a name that
+mace-torch's own loaders resolve (``mace_mp:<size>``, ``mace_off:<size>``, ``mace_anicc``). Named
+foundations download when online; offline, the error says exactly which file to place where, so a
+user on an air-gapped cluster can copy it in by hand.
+
+Old pickles (2022-era) lack attributes that mace-torch 0.3.16 reads (``num_interactions``, a tensor
+``r_max``, tensor ``atomic_numbers``): they are upgraded in memory with a logged notice, never
+rewritten on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mace  # noqa: F401  (must precede e3nn: mace relaxes torch.load for e3nn's constants)
+import torch
+from ase.data import chemical_symbols
+from mace.modules.models import ScaleShiftMACE
+
+from mace_mf.errors import FoundationError
+
+log = logging.getLogger(__name__)
+
+NAMED_PREFIXES = ("mace_mp", "mace_off", "mace_anicc")
+
+
+@dataclass(frozen=True)
+class FoundationInfo:
+    """What a run needs to know about its foundation."""
+
+    source: str
+    atomic_numbers: tuple[int, ...]
+    r_max: float
+    heads: tuple[str, ...]
+    head: str
+    dtype: torch.dtype
+    num_parameters: int
+    upgraded: tuple[str, ...]
+
+    @property
+    def elements(self) -> list[str]:
+        return [chemical_symbols[z] for z in self.atomic_numbers]
+
+
+def _named_cache_path(kind: str, size: str | None) -> Path:
+    """Where mace-torch's loader keeps (or expects) a named foundation's file."""
+    from mace.calculators import foundations_models as fm
+    from mace.tools.utils import get_cache_dir
+
+    if kind == "mace_mp":
+        url = fm.mace_mp_urls.get(size or "medium")
+        if url is None:
+            raise FoundationError(
+                f"foundation.model: unknown mace_mp size {size!r}; choose one of "
+                f"{', '.join(k for k in fm.mace_mp_urls)}"
+            )
+    elif kind == "mace_off":
+        url = fm.mace_off_urls.get(size or "medium")
+        if url is None:
+            raise FoundationError(
+                f"foundation.model: unknown mace_off size {size!r}; choose one of {', '.join(fm.mace_off_urls)}"
+            )
+    else:
+        return Path(fm.module_dir) / "foundations_models" / "ani500k_large_CC.model"
+    return Path(get_cache_dir()) / os.path.basename(url).split("?")[0]
+
+
+def _load_named(spec: str) -> torch.nn.Module:
+    kind, _, size = spec.partition(":")
+    if kind not in NAMED_PREFIXES:
+        raise FoundationError(
+            f"foundation.model: {spec!r} is neither a file nor one of mace_mp:<size>, mace_off:<size>, mace_anicc"
+        )
+    cache = _named_cache_path(kind, size or None)
+    if cache.is_file():
+        return _load_file(cache)
+    from mace.calculators import foundations_models as fm
+
+    try:
+        if kind == "mace_mp":
+            model = fm.mace_mp(model=size or None, return_raw_model=True, device="cpu")
+        elif kind == "mace_off":
+            model = fm.mace_off(model=size or None, return_raw_model=True, device="cpu")
+        else:
+            model = fm.mace_anicc(device="cpu", return_raw_model=True)
+    except Exception as exc:  # mace raises RuntimeError/URLError/OSError offline
+        raise FoundationError(
+            f"foundation.model: could not download {spec!r} ({type(exc).__name__}); when offline, "
+            f"copy the file to {cache} or point foundation.model at a local .model file"
+        ) from None
+    return model
+
+
+def _load_file(path: Path) -> torch.nn.Module:
+    if not path.is_file():
+        raise FoundationError(f"foundation.model: {path} not found; give a MACE .model file")
+    try:
+        model = torch.load(path, weights_only=False, map_location="cpu")
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        zipfile.BadZipFile,
+        RuntimeError,
+        AttributeError,
+        ModuleNotFoundError,
+        ValueError,
+    ) as exc:
+        raise FoundationError(
+            f"foundation.model: {path} is not a loadable MACE model "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); is the file truncated?"
+        ) from None
+    if isinstance(model, dict):
+        raise FoundationError(
+            f"foundation.model: {path} holds a state dict/checkpoint, not a model; "
+            "export a full model (mace's `.model`) and point at it"
+        )
+    return model
+
+
+def _upgrade(model: torch.nn.Module) -> list[str]:
+    """Set attributes that mace-torch 0.3.16 expects but old pickles lack; return what changed."""
+    changed: list[str] = []
+    if not isinstance(model.r_max, torch.Tensor):
+        model.r_max = torch.tensor(float(model.r_max))
+        changed.append("r_max became a tensor")
+    if not isinstance(model.atomic_numbers, torch.Tensor):
+        model.atomic_numbers = torch.tensor(list(model.atomic_numbers), dtype=torch.int64)
+        changed.append("atomic_numbers became a tensor")
+    if not hasattr(model, "num_interactions"):
+        model.num_interactions = torch.tensor(len(model.interactions), dtype=torch.int64)
+        changed.append("num_interactions was set")
+    return changed
+
+
+def load_foundation(
+    spec: str, head: str | None, dtype: torch.dtype, any_head: bool = False
+) -> tuple[ScaleShiftMACE, FoundationInfo]:
+    """Load a foundation, check it is a ScaleShiftMACE, pick its head and convert its dtype.
+
+    ``any_head``: a multi-head file without a chosen head is fine (evaluation reads every head).
+
+    The dtype is converted before anything evaluates the model: a float32 foundation used in a
+    float64 run otherwise crashes mace's TorchScript tensordot.
+    """
+    is_named = spec.startswith(NAMED_PREFIXES) and not Path(spec).exists()
+    model = _load_named(spec) if is_named else _load_file(Path(spec))
+    if not isinstance(model, ScaleShiftMACE):
+        raise FoundationError(
+            f"foundation.model: {spec} is a {type(model).__name__}; mace_mf fine-tunes "
+            "ScaleShiftMACE models (MACE-MP, MACE-OFF and mace_run_train outputs)"
+        )
+    if hasattr(model, "joint_embedding") or hasattr(model, "embedding_readout"):
+        raise FoundationError(f"foundation.model: {spec} uses extra embeddings (charge/spin); not supported yet")
+    upgraded = _upgrade(model)
+    if upgraded:
+        log.warning("foundation %s is an old MACE pickle, upgraded in memory: %s", spec, "; ".join(upgraded))
+    heads = list(getattr(model, "heads", None) or ["Default"])
+    if head is None:
+        if len(heads) > 1 and not any_head:
+            raise FoundationError(
+                f"foundation.head: {spec} has heads {heads}; choose the starting head with foundation.head"
+            )
+        head = heads[0]
+    elif head not in heads:
+        raise FoundationError(f"foundation.head: {head!r} is not a head of {spec} (heads: {heads})")
+    model = model.to(dtype)
+    model.eval()
+    info = FoundationInfo(
+        source=spec,
+        atomic_numbers=tuple(int(z) for z in model.atomic_numbers),
+        r_max=float(model.r_max),
+        heads=tuple(heads),
+        head=head,
+        dtype=dtype,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        upgraded=tuple(upgraded),
+    )
+    return model, info
+
+
+def check_elements(info: FoundationInfo, atomic_numbers: set[int], where: str) -> None:
+    """Refuse data with elements the foundation has never seen, naming them."""
+    missing = sorted(atomic_numbers - set(info.atomic_numbers))
+    if missing:
+        names = ", ".join(chemical_symbols[z] for z in missing)
+        raise FoundationError(
+            f"{where}: elements {names} are not covered by the foundation {info.source} "
+            f"(it knows {', '.join(info.elements)}); remove those configurations or pick a "
+            "foundation that covers them"
+        )

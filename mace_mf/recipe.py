@@ -1,0 +1,399 @@
+"""The recipe: the one place that defines every key a run understands.
+
+A recipe is a YAML file validated into the pydantic models below. Each field carries its type,
+default and documentation; the README's recipe reference and ``mace-mf recipe check`` are both
+generated from these models, so the docs cannot drift from what is validated.
+
+Relative paths are resolved against the folder of the recipe file, so a recipe can be moved
+together with its data. Validation errors are turned into one line naming the file, the dotted key
+and the fix (with a did-you-mean for misspelt keys).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mace_mf.errors import RecipeError
+
+FIDELITY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
+
+
+class _Section(BaseModel):
+    """Base for every recipe section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FoundationSpec(_Section):
+    """Where the pretrained MACE comes from."""
+
+    model: str = Field(
+        description=(
+            "A local MACE `.model` file (path relative to the recipe), or a named foundation "
+            "`mace_mp:<size>`, `mace_off:<size>` or `mace_anicc` fetched by mace-torch's loaders."
+        )
+    )
+    head: str | None = Field(
+        default=None,
+        description="Head of a multi-head foundation whose weights start every fidelity head.",
+    )
+
+
+class FidelitySpec(_Section):
+    """One level of theory: where its labels live and how much the loss weighs them."""
+
+    energy_key: str | None = Field(
+        default=None,
+        description=(
+            "Key of the total energy (eV) in `atoms.info`; `energy` also reads an attached "
+            "calculator's result. null: this fidelity has no energy labels."
+        ),
+    )
+    forces_key: str | None = Field(
+        default=None,
+        description=(
+            "Key of the forces (eV/Å, shape [n_atoms, 3]) in `atoms.arrays`; `forces` also reads "
+            "an attached calculator's result. null: this fidelity has no force labels."
+        ),
+    )
+    energy_weight: float = Field(default=1.0, ge=0.0, description="Loss weight of the energy-per-atom MSE (eV²/atom²).")
+    forces_weight: float = Field(
+        default=10.0,
+        ge=0.0,
+        description=(
+            "Loss weight of the force-component MSE (eV²/Å²). 0 with forces present: forces are "
+            "evaluated but never trained on."
+        ),
+    )
+    e0s: Literal["fit", "foundation"] | dict[str, float] = Field(
+        default="fit",
+        description=(
+            "Atomic reference energies of this head: `fit` (least squares on label − foundation "
+            "prediction over the training set), `foundation` (keep the foundation's), or a "
+            "mapping element symbol → eV."
+        ),
+    )
+    label_fraction: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Keep this fidelity's training labels on only this seeded fraction of the training "
+            "geometries (learning curves without new data files)."
+        ),
+    )
+
+
+class DataSpec(_Section):
+    """Which files hold the configurations and how they are split."""
+
+    train: str | list[str] = Field(description="ASE-readable file(s) of training configurations.")
+    valid: str | list[str] | None = Field(
+        default=None, description="Validation file(s); null: split off `valid_fraction` of train."
+    )
+    test: str | list[str] | None = Field(
+        default=None, description="Test file(s); null: split off `test_fraction` of train."
+    )
+    valid_fraction: float = Field(
+        default=0.1, ge=0.0, lt=1.0, description="Share of train held out when `valid` is null."
+    )
+    test_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="Share of train held out when `test` is null."
+    )
+    format: str | None = Field(default=None, description="ASE format name; null: guessed from the file name.")
+
+    @field_validator("train", "valid", "test")
+    @classmethod
+    def _non_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list of files; give at least one path")
+        return value
+
+
+class TrainingSpec(_Section):
+    """Optimisation of the fidelity heads and the shared backbone."""
+
+    epochs: int = Field(
+        default=30, ge=0, description="Passes over the training set; 0 exports the foundation with refitted E0s."
+    )
+    batch_size: int = Field(default=16, ge=1, description="Configurations per optimisation step.")
+    eval_batch_size: int = Field(default=32, ge=1, description="Configurations per evaluation batch.")
+    lr: float = Field(default=1e-3, gt=0.0, description="Base learning rate.")
+    optimizer: Literal["adam", "adamw"] = Field(default="adam", description="Optimizer.")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="Weight decay (decoupled for adamw).")
+    lr_factors: dict[Literal["embedding", "interactions", "products", "readouts"], float] = Field(
+        default_factory=dict,
+        description=(
+            "Multiply the base learning rate per block (embedding, interactions, products, "
+            "readouts); a factor 0 freezes that block."
+        ),
+    )
+    freeze_backbone_epochs: int = Field(
+        default=0,
+        ge=0,
+        description="Heads-only warm-up: train only the readouts for this many epochs first.",
+    )
+    ema_decay: float | None = Field(
+        default=0.99,
+        ge=0.0,
+        lt=1.0,
+        description="Exponential moving average of the weights used for evaluation; null: off.",
+    )
+    clip_grad_norm: float | None = Field(
+        default=10.0, gt=0.0, description="Clip the gradient norm to this value; null: off."
+    )
+    scheduler_patience: int = Field(
+        default=5, ge=1, description="Epochs without validation improvement before the LR drops."
+    )
+    scheduler_factor: float = Field(default=0.5, gt=0.0, lt=1.0, description="LR multiplier on a plateau.")
+    early_stopping_patience: int | None = Field(
+        default=None, ge=1, description="Stop after this many epochs without improvement; null: off."
+    )
+    target: str | None = Field(
+        default=None,
+        description=(
+            "Fidelity whose validation loss picks the best checkpoint and drives the scheduler; "
+            "null: the last declared fidelity."
+        ),
+    )
+
+
+class ExportSpec(_Section):
+    """Files written under `<out>/models/`."""
+
+    fidelities: list[str] | None = Field(
+        default=None, description="Fidelities exported as single-head files; null: all."
+    )
+    multihead: bool = Field(default=True, description="Also write `multihead.model` with every head.")
+    torchscript: bool = Field(
+        default=True, description="Also write `<fidelity>.compiled.model` (TorchScript) per head."
+    )
+
+
+class WandbSpec(_Section):
+    """Weights & Biases tracking."""
+
+    mode: Literal["online", "offline", "disabled"] = Field(default="disabled", description="W&B mode.")
+    project: str = Field(default="mace-mf", description="W&B project.")
+    entity: str | None = Field(default=None, description="W&B entity (team or user).")
+    group: str | None = Field(default=None, description="W&B run group.")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags.")
+    name: str | None = Field(default=None, description="W&B run name; null: the recipe name.")
+
+
+class Recipe(_Section):
+    """A complete multi-fidelity fine-tuning run."""
+
+    name: str = Field(default="mace-mf", description="Run name; default output folder runs/<name>-<timestamp>.")
+    seed: int = Field(default=0, description="Seed of splits, label subsets, shuffling and initialisation.")
+    dtype: Literal["float32", "float64"] = Field(default="float64", description="Floating-point precision.")
+    device: str = Field(default="cpu", description="`cpu`, `cuda` or `cuda:<n>`.")
+    foundation: FoundationSpec
+    fidelities: dict[str, FidelitySpec] = Field(
+        description="Fidelities by name; each becomes one readout head (order = head order)."
+    )
+    data: DataSpec
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+
+    @field_validator("fidelities")
+    @classmethod
+    def _fidelity_names(cls, value: dict[str, FidelitySpec]) -> dict[str, FidelitySpec]:
+
+        if not value:
+            raise ValueError("no fidelities declared; add at least one under `fidelities:`")
+        for name, spec in value.items():
+            if not re.match(FIDELITY_NAME_PATTERN, name):
+                raise ValueError(f"fidelity name {name!r} must match {FIDELITY_NAME_PATTERN}")
+            if spec.energy_key is None and spec.forces_key is None:
+                raise ValueError(f"fidelity {name!r} has neither energy_key nor forces_key")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+
+        if not re.match(r"^(cpu|cuda(:\d+)?|mps)$", value):
+            raise ValueError(f"{value!r} is not a device; use cpu, cuda or cuda:<n>")
+        return value
+
+    @model_validator(mode="after")
+    def _references(self) -> Recipe:
+        declared = list(self.fidelities)
+        if self.training.target is not None and self.training.target not in declared:
+            raise ValueError(f"training.target {self.training.target!r} is not a declared fidelity {declared}")
+        for name in self.export.fidelities or []:
+            if name not in declared:
+                raise ValueError(f"export.fidelities: {name!r} is not a declared fidelity {declared}")
+        return self
+
+    @property
+    def target(self) -> str:
+        """The fidelity that selects checkpoints (explicit, or the last declared)."""
+        return self.training.target or list(self.fidelities)[-1]
+
+    @property
+    def export_fidelities(self) -> list[str]:
+        return self.export.fidelities or list(self.fidelities)
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _suggest(loc: tuple[Any, ...]) -> str:
+    """A did-you-mean for an unknown key, drawn from the fields of the section it sits in."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            # Inside a mapping (fidelities.<name>): the value type is the next model.
+            if model is Recipe:
+                return ""
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif str(part) == "fidelities":
+            model = FidelitySpec
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(model.model_fields)})"
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line for the first problem: file, dotted key, what is wrong and how to fix it."""
+    first = error.errors()[0]
+    loc = tuple(first["loc"])
+    key = _dotted(loc) or "<top level>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key {key!r}{_suggest(loc)}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key {key!r}"
+    message = first["msg"].removeprefix("Value error, ")
+    given = first.get("input")
+    shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
+    return f"{source}: {key}: {message}{shown}"
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c = value`` in nested dicts, creating sections on the way."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``dotted.key=value``; the value is parsed as YAML (numbers, lists, null...)."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected dotted.key=value, e.g. training.lr=0.0005")
+    key, raw = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from None
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    def resolve(path: str) -> str:
+        return str((base / path).resolve()) if not Path(path).is_absolute() else path
+
+    def resolve_many(value: str | list[str] | None) -> str | list[str] | None:
+        if value is None:
+            return None
+        return [resolve(p) for p in value] if isinstance(value, list) else resolve(value)
+
+    model = recipe.foundation.model
+    if not model.startswith(("mace_mp", "mace_off", "mace_anicc")):
+        recipe.foundation.model = resolve(model)
+    recipe.data.train = resolve_many(recipe.data.train)  # type: ignore[assignment]
+    recipe.data.valid = resolve_many(recipe.data.valid)
+    recipe.data.test = resolve_many(recipe.data.test)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override (``--set``), validate and path-resolve a recipe file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found; check the path") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        tree = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError(f"{path}:{where}: malformed YAML ({problem}); fix the syntax") from None
+    if tree is None:
+        raise RecipeError(f"{path}: the recipe is empty; see recipes/quickstart.yaml for an example")
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+    for override in overrides:
+        key, value = parse_override(override)
+        set_dotted(tree, key, value)
+    return recipe_from_dict(tree, source=str(path), base=path.resolve().parent)
+
+
+def recipe_from_dict(tree: dict[str, Any], source: str, base: Path) -> Recipe:
+    """Validate an already parsed recipe; ``base`` resolves relative paths."""
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(source, exc)) from None
+    return _resolve_paths(recipe, base)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe, defaults included, as YAML."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def reference_markdown() -> str:
+    """The recipe reference (every key, type, default, meaning) generated from the schema."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            key = f"{prefix}{name}"
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                walk(annotation, f"{key}.")
+                continue
+            if name == "fidelities" and model is Recipe:
+                walk(FidelitySpec, f"{key}.<name>.")
+                continue
+            type_name = _type_name(annotation)
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = f"`{field.default_factory()}`"
+            else:
+                default = f"`{field.default}`" if field.default is not None else "`null`"
+            doc = (field.description or "").replace("|", "\\|")
+            lines.append(f"| `{key}` | {type_name} | {default} | {doc} |")
+
+    walk(Recipe, "")
+    return "\n".join(lines)
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "").replace("NoneType", "null")
+    text = text.replace("<class '", "").replace("'>", "")
+    return text.replace("|", "\\|")

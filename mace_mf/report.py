@@ -1,0 +1,104 @@
+"""The human-readable run report: ``report.md`` with tables and plots beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mace_mf.evaluate import metrics_table
+from mace_mf.files import atomic_write_text
+from mace_mf.foundation import FoundationInfo
+from mace_mf.recipe import Recipe
+from mace_mf.train import History
+
+
+def curve_plot(history: History, recipe: Recipe, path: Path) -> bool:
+    """Validation errors of every fidelity per epoch; False when there were no epochs."""
+    if not history.epochs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    epochs = [r["epoch"] for r in history.epochs]
+    for name in recipe.fidelities:
+        for ax, key in zip(axes, ("e_rmse_meV_atom", "f_rmse_meV_A"), strict=True):
+            values = [r["valid"][name][key] for r in history.epochs]
+            if all(v is not None for v in values):
+                ax.plot(epochs, values, marker="o", ms=3, label=name)
+    for ax, title in zip(axes, ("valid energy RMSE (meV/atom)", "valid force RMSE (meV/Å)"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if history.best_epoch >= 0:
+        for ax in axes:
+            ax.axvline(history.best_epoch, color="0.6", ls="--", lw=1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(
+    out: Path,
+    recipe: Recipe,
+    info: FoundationInfo,
+    splits: Any,
+    metrics: dict[str, Any],
+    zero_shot: dict[str, Any],
+    history: History,
+    e0s: dict[str, dict[str, float]],
+    files: list[Path],
+    wall_time_s: float,
+) -> Path:
+    """Write ``report.md`` (atomically) and the learning-curve plot."""
+    lines = [f"# mace_mf run `{recipe.name}`", ""]
+    lines += [
+        f"- foundation: `{info.source}` (head `{info.head}`, {info.num_parameters:,} parameters, "
+        f"r_max {info.r_max:.2f} Å, elements {' '.join(info.elements)})",
+        f"- fidelities: {', '.join(f'`{n}`' for n in recipe.fidelities)}; target `{recipe.target}`",
+        f"- data: {len(splits.train)} train, {len(splits.valid)} valid, "
+        f"{len(splits.test) if splits.test else 0} test configurations",
+        f"- epochs run: {len(history.epochs)} (best epoch {history.best_epoch}); wall time {wall_time_s:.0f} s",
+        f"- dtype {recipe.dtype}, device {recipe.device}, seed {recipe.seed}",
+        "",
+        "## Errors after fine-tuning",
+        "",
+        metrics_table(metrics),
+        "",
+        "## Zero-shot (foundation with per-fidelity E0s, before training)",
+        "",
+        metrics_table(zero_shot),
+        "",
+    ]
+    if curve_plot(history, recipe, out / "plots" / "learning_curve.png"):
+        lines += ["## Learning curve", "", "![learning curve](plots/learning_curve.png)", ""]
+    plots = sorted((out / "plots").glob("parity_*.png"))
+    if plots:
+        lines += ["## Parity plots", ""]
+        lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+        lines.append("")
+    lines += [
+        "## Atomic reference energies (eV)",
+        "",
+        "| fidelity | " + " | ".join(next(iter(e0s.values()))) + " |",
+        "|---|" + "---|" * len(next(iter(e0s.values()))),
+    ]
+    for name, values in e0s.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values.values()) + " |")
+    lines += ["", "## Exported files", ""]
+    lines += [f"- `{p.relative_to(out)}`" for p in files]
+    lines += [
+        "",
+        "Load in ASE without mace_mf: `MACECalculator(model_paths='models/<fidelity>.model')`, or "
+        "`MACECalculator(model_paths='models/multihead.model', head='<fidelity>')`.",
+        "",
+    ]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,293 @@
+"""One training run, end to end, in the order data flows:
+
+recipe → foundation → data → fidelity heads (+E0) → train → evaluate → export → report.
+
+The run folder is owned by one run: an existing run is never overwritten unless asked
+(``overwrite``) and an interrupted one continues from its last checkpoint (``resume``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase.data import atomic_numbers as symbol_to_z
+from mace.tools import AtomicNumberTable
+
+from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
+from mace_mf.errors import FoundationError, RecipeError, RunError
+from mace_mf.evaluate import compute_metrics, metrics_table, parity_plot, predict
+from mace_mf.export import export_models
+from mace_mf.files import atomic_write_text
+from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
+from mace_mf.heads import build_fidelity_model, extract_head, fit_e0s, set_head_e0s
+from mace_mf.recipe import Recipe, dump_recipe, recipe_from_dict
+from mace_mf.report import write_report
+from mace_mf.tracking import make_tracker
+from mace_mf.train import Trainer
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+
+
+def default_out(recipe: Recipe) -> Path:
+    return Path("runs") / f"{recipe.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Claim the output folder; return the earlier run's record when resuming."""
+    record_path = out / RUN_FILE
+    has_run = record_path.is_file() or (out / "checkpoints").is_dir()
+    if resume:
+        if not has_run:
+            raise RunError(f"{out}: no run to resume here; drop --resume to start a new run")
+        return json.loads(record_path.read_text()) if record_path.is_file() else {}
+    if has_run and not overwrite:
+        raise RunError(
+            f"{out}: already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or choose another --out"
+        )
+    if has_run:
+        for name in ("checkpoints", "models", "plots", "wandb"):
+            shutil.rmtree(out / name, ignore_errors=True)
+        for name in (
+            RUN_FILE,
+            "metrics.json",
+            "zero_shot_metrics.json",
+            "report.md",
+            "recipe.resolved.yaml",
+            "history.json",
+            "train.log",
+        ):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+@dataclass
+class Splits:
+    train: Split
+    valid: Split
+    test: Split | None
+
+    def named(self) -> dict[str, Split]:
+        result = {"train": self.train, "valid": self.valid}
+        if self.test is not None:
+            result["test"] = self.test
+        return result
+
+
+def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Splits:
+    """Read, check and split the data; build graphs once for the whole run."""
+    specs = recipe.fidelities
+    d = recipe.data
+    train = read_frames(d.train, specs, d.format)
+    check_declared_keys(train, specs, "data.train")
+    test: list[Frame] | None = None
+    if d.test is not None:
+        test = read_frames(d.test, specs, d.format)
+    elif d.test_fraction > 0:
+        train, test = split_off(train, d.test_fraction, recipe.seed, salt=2)
+    if d.valid is not None:
+        valid = read_frames(d.valid, specs, d.format)
+    else:
+        if d.valid_fraction <= 0:
+            raise RecipeError("data.valid: no validation file and data.valid_fraction is 0; give one of them")
+        train, valid = split_off(train, d.valid_fraction, recipe.seed, salt=1)
+    for name, frames in (("data.train", train), ("data.valid", valid), ("data.test", test or [])):
+        zs = {int(z) for f in frames for z in f.atoms.numbers}
+        check_elements(info, zs, name)
+    subsample_labels(train, specs, recipe.seed)
+    target = recipe.target
+    t = list(specs).index(target)
+    if not any(f.labels.energy[t] is not None or f.labels.forces[t] is not None for f in valid):
+        raise RecipeError(
+            f"training.target: fidelity {target!r} has no labels in the validation data; "
+            "label it there or choose another target"
+        )
+    z_table = AtomicNumberTable(list(info.atomic_numbers))
+    heads = list(specs)
+    return Splits(
+        make_split("train", train, heads, z_table, info.r_max, dtype),
+        make_split("valid", valid, heads, z_table, info.r_max, dtype),
+        make_split("test", test, heads, z_table, info.r_max, dtype) if test else None,
+    )
+
+
+def assign_e0s(
+    model: torch.nn.Module, foundation_single: torch.nn.Module, recipe: Recipe, train: Split, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Set each head's E0s as the recipe says; return them by fidelity and element."""
+    zs = [int(z) for z in model.atomic_numbers]
+    base = torch.atleast_2d(foundation_single.atomic_energies_fn.atomic_energies)[0].detach().cpu().double().numpy()
+    z_table = AtomicNumberTable(zs)
+    counts = train.counts(z_table)
+    labels, mask = train.energies(), train.energy_mask()
+    foundation_energy: np.ndarray | None = None
+    result: dict[str, dict[str, float]] = {}
+    from ase.data import chemical_symbols
+
+    for h, (name, spec) in enumerate(recipe.fidelities.items()):
+        if spec.e0s == "fit" and mask[:, h].any():
+            if foundation_energy is None:
+                foundation_energy = predict(
+                    foundation_single.to(device), _without_forces(train), [0], recipe.training.eval_batch_size, device
+                ).energies[:, 0]
+            sel = mask[:, h]
+            e0 = fit_e0s(counts[sel], labels[sel, h] - foundation_energy[sel], base)
+        elif isinstance(spec.e0s, dict):
+            e0 = base.copy()
+            present = {zs[i] for i in np.flatnonzero(counts.sum(0) > 0)}
+            for symbol, value in spec.e0s.items():
+                z = symbol_to_z.get(symbol)
+                if z is None or z not in zs:
+                    raise RecipeError(f"fidelities.{name}.e0s: {symbol!r} is not an element of the foundation")
+                e0[zs.index(z)] = value
+                present.discard(z)
+            if present:
+                missing = ", ".join(chemical_symbols[z] for z in sorted(present))
+                raise RecipeError(f"fidelities.{name}.e0s: no value for {missing}, which the data contains")
+        else:
+            e0 = base
+        set_head_e0s(model, h, e0)
+        result[name] = {chemical_symbols[z]: float(v) for z, v in zip(zs, e0, strict=True)}
+    return result
+
+
+def _without_forces(split: Split) -> Split:
+    """A view of a split whose force masks are zero (energy-only prediction is cheaper)."""
+    graphs = []
+    for g in split.graphs:
+        clone = copy.copy(g)
+        clone.mf_forces_mask = torch.zeros_like(g.mf_forces_mask)
+        graphs.append(clone)
+    return Split(split.name, split.fidelities, split.atoms, graphs, split.sources)
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device: {name!r} requested but CUDA is not available; set device: cpu")
+    return device
+
+
+def evaluate_all(
+    model: torch.nn.Module, splits: Splits, recipe: Recipe, device: torch.device, plots: Path | None
+) -> dict[str, Any]:
+    heads = list(range(len(recipe.fidelities)))
+    metrics: dict[str, Any] = {}
+    for name, split in splits.named().items():
+        pred = predict(model, split, heads, recipe.training.eval_batch_size, device)
+        metrics[name] = compute_metrics(split, pred)
+        if plots is not None and name != "train":
+            for h, fidelity in enumerate(recipe.fidelities):
+                parity_plot(split, pred, h, plots / f"parity_{name}_{fidelity}.png")
+    return metrics
+
+
+def train_run(
+    recipe: Recipe, out: Path, recipe_file: Path | None = None, resume: bool = False, overwrite: bool = False
+) -> Path:
+    """Run a recipe into ``out``; return ``out``."""
+    started = time.perf_counter()
+    previous = prepare_out(out, resume, overwrite)
+    resolved = out / "recipe.resolved.yaml"
+    if resume and resolved.is_file():
+        import yaml
+
+        saved = recipe_from_dict(yaml.safe_load(resolved.read_text()), str(resolved), out)
+        if dump_recipe(saved) != dump_recipe(recipe):
+            raise RunError(
+                f"{resolved}: the recipe differs from the run being resumed; resume with the "
+                "same recipe and --set options, or start a new --out"
+            )
+    atomic_write_text(resolved, dump_recipe(recipe))
+    file_handler = logging.FileHandler(out / "train.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(file_handler)
+    try:
+        return _train_run(recipe, out, recipe_file, previous, started)
+    finally:
+        logging.getLogger().removeHandler(file_handler)
+        file_handler.close()
+
+
+def _train_run(
+    recipe: Recipe, out: Path, recipe_file: Path | None, previous: dict[str, Any] | None, started: float
+) -> Path:
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
+    device = resolve_device(recipe.device)
+    foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
+    log.info(
+        "foundation %s: %d parameters, r_max %.2f Å, elements %s",
+        info.source,
+        info.num_parameters,
+        info.r_max,
+        " ".join(info.elements),
+    )
+    splits = load_splits(recipe, info, dtype)
+    log.info(
+        "data: %d train, %d valid, %d test configurations",
+        len(splits.train),
+        len(splits.valid),
+        len(splits.test) if splits.test else 0,
+    )
+    single = extract_head(foundation, info.head)
+    model = build_fidelity_model(foundation, info.head, list(recipe.fidelities)).to(device)
+    e0s = assign_e0s(model, single, recipe, splits.train, device)
+    del foundation, single
+    tracker = make_tracker(recipe, out, recipe_file, (previous or {}).get("wandb_id"))
+    run_record = {
+        "status": "running",
+        "mace_mf": version("mace-mf"),
+        "mace_torch": version("mace-torch"),
+        "torch": torch.__version__,
+        "wandb_id": tracker.run_id,
+        "foundation": info.source,
+    }
+    atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2))
+    try:
+        zero_shot = evaluate_all(model, splits, recipe, device, plots=None)
+        atomic_write_text(out / "zero_shot_metrics.json", json.dumps(zero_shot, indent=2))
+        trainer = Trainer(
+            model, recipe, splits.train, splits.valid, device, out / "checkpoints", on_epoch=tracker.log_epoch
+        )
+        if previous is not None and not trainer.load_checkpoint():
+            log.warning("no readable checkpoint in %s; starting from epoch 0", out / "checkpoints")
+        history = trainer.fit() if recipe.training.epochs > 0 else trainer.history
+        atomic_write_text(out / "history.json", json.dumps(history.__dict__, indent=2))
+        metrics = evaluate_all(model, splits, recipe, device, plots=out / "plots")
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        files = export_models(
+            model, recipe.export_fidelities, out / "models", recipe.export.multihead, recipe.export.torchscript
+        )
+        wall = time.perf_counter() - started
+        write_report(out, recipe, info, splits, metrics, zero_shot, history, e0s, files, wall)
+        log.info("test/valid metrics:\n%s", metrics_table(metrics))
+        tracker.log_final(metrics, files)
+    except BaseException:
+        run_record["status"] = "failed"
+        atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2))
+        tracker.finish(failed=True)
+        raise
+    run_record.update(status="complete", wall_time_s=round(time.perf_counter() - started, 1))
+    atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2))
+    tracker.finish()
+    log.info("run complete: %s (%.0f s)", out, time.perf_counter() - started)
+    return out
+
+
+__all__ = ["FoundationError", "train_run"]

@@ -1,0 +1,298 @@
+"""The training loop: parameter groups, warm-up freezing, EMA, checkpoints and resume.
+
+Every epoch ends with an atomically written checkpoint holding everything needed to continue
+bit-for-bit (model, optimizer, scheduler, EMA, best weights, history); shuffling is a pure function
+of ``(seed, epoch)``, so a resumed run on CPU repeats the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch_ema import ExponentialMovingAverage
+
+from mace_mf.data import Split, batch_dict
+from mace_mf.errors import RunError
+from mace_mf.evaluate import compute_metrics, predict
+from mace_mf.files import atomic_torch_save, atomic_write_text
+from mace_mf.heads import fidelity_energies, fidelity_forces
+from mace_mf.loss import Weights, multi_fidelity_loss
+from mace_mf.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+BLOCKS = {
+    "embedding": ("node_embedding", "radial_embedding"),
+    "interactions": ("interactions",),
+    "products": ("products",),
+    "readouts": ("readouts",),
+}
+CHECKPOINT_FORMAT = 1
+
+
+def block_of(name: str) -> str:
+    top = name.split(".", 1)[0]
+    for block, modules in BLOCKS.items():
+        if top in modules:
+            return block
+    return "other"
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, factors: dict[str, float]) -> list[dict[str, Any]]:
+    """One optimizer group per block, with the block's learning-rate factor (0 = frozen)."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(block_of(name), []).append(param)
+    result = []
+    for block, params in groups.items():
+        factor = factors.get(block, 1.0)
+        if factor == 0.0:
+            for p in params:
+                p.requires_grad_(False)
+            continue
+        result.append({"params": params, "lr": lr * factor, "name": block})
+    return result
+
+
+def set_backbone_frozen(model: torch.nn.Module, frozen: bool, factors: dict[str, float]) -> None:
+    """Heads-only warm-up: only readouts learn while ``frozen``."""
+    for name, param in model.named_parameters():
+        block = block_of(name)
+        param.requires_grad_(factors.get(block, 1.0) != 0.0 and (block == "readouts" or not frozen))
+
+
+@dataclass
+class History:
+    """Per-epoch records and the best epoch so far."""
+
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_loss: float = math.inf
+    bad_epochs: int = 0
+
+
+def target_valid_loss(metrics: dict[str, dict[str, Any]], recipe: Recipe) -> float:
+    """The target fidelity's validation loss in the training loss's units (eV², eV²/Å²)."""
+    spec = recipe.fidelities[recipe.target]
+    m = metrics[recipe.target]
+    loss = 0.0
+    if m["e_rmse_meV_atom"] is not None and spec.energy_weight > 0:
+        loss += spec.energy_weight * (m["e_rmse_meV_atom"] / 1000.0) ** 2
+    if m["f_rmse_meV_A"] is not None and spec.forces_weight > 0:
+        loss += spec.forces_weight * (m["f_rmse_meV_A"] / 1000.0) ** 2
+    return loss
+
+
+class Trainer:
+    """Fine-tunes a multi-head model on one training split, validating on another."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        recipe: Recipe,
+        train: Split,
+        valid: Split,
+        device: torch.device,
+        checkpoint_dir: Path,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.model, self.recipe, self.train, self.valid = model, recipe, train, valid
+        self.device = device
+        self.checkpoint_dir = checkpoint_dir
+        self.on_epoch = on_epoch
+        t = recipe.training
+        specs = list(recipe.fidelities.values())
+        self.weights = Weights(tuple(s.energy_weight for s in specs), tuple(s.forces_weight for s in specs))
+        self.heads = list(range(len(specs)))
+        groups = parameter_groups(model, t.lr, t.lr_factors)
+        if not groups:
+            raise RunError("training.lr_factors: every block is frozen (factor 0); nothing to train")
+        optimizer_cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = optimizer_cls(groups, lr=t.lr, weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self.optimizer, mode="min", factor=t.scheduler_factor, patience=t.scheduler_patience
+        )
+        self.ema = (
+            ExponentialMovingAverage([p for g in groups for p in g["params"]], decay=t.ema_decay)
+            if t.ema_decay is not None
+            else None
+        )
+        self.history = History()
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.start_epoch = 0
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _checkpoint(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "seed": self.recipe.seed,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "best_state": self.best_state,
+            "history": self.history.__dict__,
+        }
+
+    def save_checkpoint(self, epoch: int) -> Path:
+        """Write ``epoch-NNNN.pt`` atomically, then point ``latest.json`` at it; keep two."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"epoch-{epoch:04d}.pt"
+        atomic_torch_save(self._checkpoint(epoch), path)
+        atomic_write_text(self.checkpoint_dir / "latest.json", json.dumps({"complete": path.name, "epoch": epoch}))
+        for old in sorted(self.checkpoint_dir.glob("epoch-*.pt"))[:-2]:
+            old.unlink()
+        return path
+
+    def load_checkpoint(self) -> bool:
+        """Restore the newest complete checkpoint (falling back to the one before); False if none."""
+        candidates = sorted(self.checkpoint_dir.glob("epoch-*.pt"), reverse=True)
+        for path in candidates:
+            try:
+                state = torch.load(path, map_location=self.device, weights_only=False)
+            except Exception as exc:  # a torn or corrupt file: try the previous checkpoint
+                log.warning("checkpoint %s unreadable (%s); trying the previous one", path, type(exc).__name__)
+                continue
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise RunError(f"{path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+            self.best_state = state["best_state"]
+            self.history = History(**state["history"])
+            self.start_epoch = state["epoch"] + 1
+            log.info("resumed from %s (epoch %d)", path.name, state["epoch"])
+            return True
+        return False
+
+    # -- loop --------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int, progress: Progress | None) -> dict[str, float]:
+        t = self.recipe.training
+        self.model.train()
+        loader = self.train.loader(t.batch_size, shuffle=True, seed=self.recipe.seed * 100_003 + epoch)
+        task = progress.add_task(f"epoch {epoch}", total=len(loader)) if progress else None
+        sums: dict[str, float] = {}
+        total_loss, n_batches = 0.0, 0
+        force_heads = self.weights.force_heads()
+        for index, batch in enumerate(loader):
+            data = batch_dict(batch.to(self.device))
+            energies = fidelity_energies(self.model, data, self.heads)
+            trained = [h for h in force_heads if bool(data["mf_forces_mask"][:, h].any())]
+            forces = dict(
+                zip(trained, fidelity_forces(energies, data["positions"], trained, create_graph=True), strict=True)
+            )
+            loss, terms = multi_fidelity_loss(energies, forces, data, self.weights)
+            if not torch.isfinite(loss):
+                raise RunError(
+                    f"training: loss is {loss.item()} at epoch {epoch}, batch {index}; lower training.lr "
+                    "or check the labels (the last good checkpoint is kept)"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+            self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update()
+            total_loss += loss.item()
+            n_batches += 1
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + value.item()
+            if progress is not None and task is not None:
+                progress.update(task, advance=1, description=f"epoch {epoch} loss {total_loss / n_batches:.4g}")
+        if progress is not None and task is not None:
+            progress.remove_task(task)
+        names = list(self.recipe.fidelities)
+        out = {"loss": total_loss / max(n_batches, 1)}
+        for key, value in sums.items():
+            kind, h = key[0], int(key[1:])
+            out[f"{names[h]}/{'e_mse' if kind == 'e' else 'f_mse'}"] = value / n_batches
+        return out
+
+    def evaluate(self, split: Split) -> dict[str, dict[str, Any]]:
+        """Metrics with the EMA weights when EMA is on."""
+        if self.ema is not None:
+            with self.ema.average_parameters():
+                pred = predict(self.model, split, self.heads, self.recipe.training.eval_batch_size, self.device)
+        else:
+            pred = predict(self.model, split, self.heads, self.recipe.training.eval_batch_size, self.device)
+        return compute_metrics(split, pred)
+
+    def _averaged_state(self) -> dict[str, torch.Tensor]:
+        if self.ema is None:
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        with self.ema.average_parameters():
+            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def fit(self) -> History:
+        """Train to the recipe's epoch budget (or early stop); the best weights end up in the model."""
+        t = self.recipe.training
+        progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+        )
+        patience = t.early_stopping_patience
+        with progress:
+            for epoch in range(self.start_epoch, t.epochs):
+                if patience is not None and self.history.bad_epochs >= patience:
+                    break  # a resumed run that had already stopped early
+                set_backbone_frozen(self.model, epoch < t.freeze_backbone_epochs, t.lr_factors)
+                start = time.perf_counter()
+                train_terms = self.train_epoch(epoch, progress)
+                train_time = time.perf_counter() - start
+                valid = self.evaluate(self.valid)
+                valid_loss = target_valid_loss(valid, self.recipe)
+                self.scheduler.step(valid_loss)
+                h = self.history
+                improved = valid_loss < h.best_loss
+                if improved:
+                    h.best_loss, h.best_epoch, h.bad_epochs = valid_loss, epoch, 0
+                    self.best_state = self._averaged_state()
+                else:
+                    h.bad_epochs += 1
+                record = {
+                    "epoch": epoch,
+                    "train": train_terms,
+                    "valid": valid,
+                    "valid_loss": valid_loss,
+                    "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
+                    "epoch_time_s": train_time,
+                    "configs_per_s": len(self.train) / train_time if train_time > 0 else None,
+                    "frozen_backbone": epoch < t.freeze_backbone_epochs,
+                }
+                h.epochs.append(record)
+                target = valid[self.recipe.target]
+                log.info(
+                    "epoch %d  train loss %.5g  valid %s: E RMSE %s meV/atom, F RMSE %s meV/Å%s  (%.1f s)",
+                    epoch,
+                    train_terms["loss"],
+                    self.recipe.target,
+                    _fmt(target["e_rmse_meV_atom"]),
+                    _fmt(target["f_rmse_meV_A"]),
+                    "  *best*" if improved else "",
+                    train_time,
+                )
+                self.save_checkpoint(epoch)
+                if self.on_epoch is not None:
+                    self.on_epoch(record)
+                if patience is not None and h.bad_epochs >= patience:
+                    log.info("early stopping: no improvement for %d epochs", h.bad_epochs)
+                    break
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        return self.history
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"

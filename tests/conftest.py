@@ -1,0 +1,32 @@
+"""Session fixtures: a tiny foundation file and small two-fidelity data files (see support.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from support import build_tiny_mace, label, sample_molecules
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("foundation") / "tiny.model"
+    torch.save(build_tiny_mace(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def two_fidelity_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """train/valid/test extxyz with `lo` energies+forces everywhere and `hi` energies (+ forces to score)."""
+    import ase.io
+
+    folder = tmp_path_factory.mktemp("data")
+    paths = {}
+    for split, n, seed in (("train", 24, 1), ("valid", 8, 2), ("test", 8, 3)):
+        frames = sample_molecules(n, seed)
+        label(frames, "lo", 0.9, 1.25, -10.0)
+        label(frames, "hi", 1.0, 1.2, -50.0)
+        paths[split] = folder / f"{split}.xyz"
+        ase.io.write(paths[split], frames, format="extxyz")
+    return paths

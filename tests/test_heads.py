@@ -1,0 +1,205 @@
+"""Heads start as the foundation; the shared-backbone forward equals stock MACE; physics holds."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from mace.calculators import MACECalculator
+from mace.tools import AtomicNumberTable
+from support import SHARED, build_tiny_mace
+
+from mace_mf.data import Labels, batch_dict, to_graph
+from mace_mf.foundation import load_foundation
+from mace_mf.heads import build_fidelity_model, extract_head, fidelity_energies, fidelity_forces, fit_e0s, head_names
+from mace_mf.loss import Weights, multi_fidelity_loss
+
+FIDELITIES = ["lo", "mid", "hi"]
+
+
+def graph_of(atoms, model):
+    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    n_heads = len(getattr(model, "heads", ["Default"]))
+    labels = Labels([None] * n_heads, [None] * n_heads)
+    return to_graph(
+        atoms, labels, z_table, float(model.r_max), list(getattr(model, "heads", ["Default"])), torch.float64
+    )
+
+
+def energies_and_forces(model, atoms, heads):
+    from mace.tools.torch_geometric import Batch
+
+    data = batch_dict(Batch.from_data_list([graph_of(atoms, model)]))
+    energies = fidelity_energies(model, data, heads)
+    forces = fidelity_forces(energies, data["positions"], list(range(len(heads))), create_graph=False)
+    return energies.detach()[0].numpy(), [f.detach().numpy() for f in forces]
+
+
+def perturbed(model, seed=1):
+    """Make heads differ, as after training, so head routing errors cannot hide."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.readouts.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        model.atomic_energies_fn.atomic_energies.add_(torch.randn_like(model.atomic_energies_fn.atomic_energies))
+    return model
+
+
+SHARED_MODELS = [
+    "spice_small_2022.model",
+    "spice_small_2022_original.model",
+    "water_delta_r2scan_ccsdt.model",
+    "gesbte_swa.model",
+]
+
+
+def structure_for(model):
+    zs = [int(z) for z in model.atomic_numbers]
+    if 32 in zs:
+        from ase.build import bulk
+
+        atoms = bulk("Ge", "diamond", 5.6) * (2, 1, 1)
+        atoms.symbols[1], atoms.symbols[2] = "Te", "Sb"
+    elif zs == [1, 8]:
+        atoms = molecule("H2O")
+    else:
+        atoms = molecule("CH3CHO")
+    atoms.rattle(0.05, seed=3)
+    return atoms
+
+
+def foundations():
+    yield "tiny", build_tiny_mace()
+    for name in SHARED_MODELS:
+        path = SHARED / "models" / name
+        if path.is_file():
+            yield name, load_foundation(str(path), None, torch.float64)[0]
+
+
+@pytest.mark.parametrize("name,foundation", list(foundations()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_head_starts_as_the_foundation(name, foundation):
+    atoms = structure_for(foundation)
+    ref = MACECalculator(models=copy.deepcopy(foundation), device="cpu", default_dtype="float64")
+    atoms.calc = ref
+    e_ref, f_ref = atoms.get_potential_energy(), atoms.get_forces()
+    start = head_names(foundation)[0]
+    model = build_fidelity_model(foundation, start, FIDELITIES)
+    energies, forces = energies_and_forces(model, atoms, [0, 1, 2])
+    for h in range(3):
+        assert energies[h] == pytest.approx(e_ref, abs=1e-8)
+        np.testing.assert_allclose(forces[h], f_ref, atol=1e-10)
+        stock = MACECalculator(models=copy.deepcopy(model), device="cpu", default_dtype="float64", head=FIDELITIES[h])
+        atoms.calc = stock
+        np.testing.assert_allclose(atoms.get_forces(), f_ref, atol=1e-10)
+
+
+def test_shared_forward_equals_stock_forward_per_head():
+    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES))
+    atoms = molecule("CH3OH")
+    atoms.rattle(0.05, seed=2)
+    energies, forces = energies_and_forces(model, atoms, [0, 1, 2])
+    assert len({round(float(e), 6) for e in energies}) == 3, "perturbed heads must differ"
+    for h, name in enumerate(FIDELITIES):
+        calc = MACECalculator(models=copy.deepcopy(model), device="cpu", default_dtype="float64", head=name)
+        atoms.calc = calc
+        assert energies[h] == pytest.approx(atoms.get_potential_energy(), abs=1e-9)
+        np.testing.assert_allclose(forces[h], atoms.get_forces(), atol=1e-9)
+
+
+def test_extracted_single_head_reproduces_its_head():
+    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES))
+    atoms = molecule("C2H6")
+    atoms.rattle(0.05, seed=4)
+    energies, forces = energies_and_forces(model, atoms, [0, 1, 2])
+    for h, name in enumerate(FIDELITIES):
+        single = extract_head(model, name)
+        assert single.heads == [name]
+        e, f = energies_and_forces(single, atoms, [0])
+        assert e[0] == pytest.approx(energies[h], abs=1e-9)
+        np.testing.assert_allclose(f[0], forces[h], atol=1e-10)
+
+
+def batch_energies(model, frames, heads):
+    from mace.tools.torch_geometric import Batch
+
+    data = batch_dict(Batch.from_data_list([graph_of(a, model) for a in frames]))
+    return fidelity_energies(model, data, heads).detach().numpy()
+
+
+def test_forces_are_minus_the_energy_gradient():
+    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"]))
+    atoms = molecule("CH3CHO")
+    atoms.rattle(0.05, seed=5)
+    _, forces = energies_and_forces(model, atoms, [0, 1])
+    step = 1e-5
+    displaced = []
+    for i in range(len(atoms)):
+        for k in range(3):
+            for sign in (1.0, -1.0):
+                moved = atoms.copy()
+                moved.positions[i, k] += sign * step
+                displaced.append(moved)
+    energies = batch_energies(model, displaced, [0, 1]).reshape(len(atoms), 3, 2, 2)
+    numeric = -(energies[:, :, 0] - energies[:, :, 1]) / (2 * step)  # [atom, xyz, head]
+    for h in (0, 1):
+        np.testing.assert_allclose(forces[h], numeric[:, :, h], atol=1e-6)
+
+
+def test_energies_invariant_and_forces_equivariant_under_rigid_motions():
+    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"]))
+    atoms = molecule("CH3OH")
+    atoms.rattle(0.05, seed=6)
+    e0, f0 = energies_and_forces(model, atoms, [0, 1])
+    rotation = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64))[0]
+    rotation = rotation.numpy() * np.sign(np.linalg.det(rotation.numpy()))
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rotation.T + np.array([1.3, -0.7, 2.1])
+    e1, f1 = energies_and_forces(model, moved, [0, 1])
+    np.testing.assert_allclose(e1, e0, atol=1e-9)
+    for h in (0, 1):
+        np.testing.assert_allclose(f1[h], f0[h] @ rotation.T, atol=1e-9)
+
+
+def test_permuting_atoms_permutes_forces_and_keeps_energy():
+    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"]))
+    atoms = molecule("HCOOH")
+    atoms.rattle(0.05, seed=7)
+    order = np.random.default_rng(0).permutation(len(atoms))
+    e0, f0 = energies_and_forces(model, atoms, [0, 1])
+    e1, f1 = energies_and_forces(model, atoms[order], [0, 1])
+    np.testing.assert_allclose(e1, e0, atol=1e-9)
+    np.testing.assert_allclose(f1[1], f0[1][order], atol=1e-10)
+
+
+def test_fit_e0s_recovers_known_offsets_and_keeps_absent_elements():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 6, size=(40, 4)).astype(float)
+    counts[:, 3] = 0.0  # element 3 never appears
+    true = np.array([-0.5, -37.0, -54.0, 0.0])
+    base = np.array([-13.0, -1000.0, -1400.0, -2000.0])
+    e0 = fit_e0s(counts, counts @ true, base)
+    np.testing.assert_allclose(e0, base + true, atol=1e-8)
+    assert e0[3] == base[3]
+
+
+def test_a_fidelity_without_force_labels_gets_no_force_gradient():
+    """Masking: forces of a head whose labels are absent contribute exactly zero gradient."""
+    from mace.tools.torch_geometric import Batch
+
+    model = build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"])
+    z_table = AtomicNumberTable([1, 6, 7, 8])
+    atoms = molecule("CH4")
+    atoms.rattle(0.05, seed=8)
+    labels = Labels([-100.0, None], [np.ones((5, 3)), None])
+    data = batch_dict(Batch.from_data_list([to_graph(atoms, labels, z_table, 4.0, ["a", "b"], torch.float64)]))
+    energies = fidelity_energies(model, data, [0, 1])
+    forces = dict(zip([0, 1], fidelity_forces(energies, data["positions"], [0, 1], create_graph=True), strict=True))
+    loss, terms = multi_fidelity_loss(energies, forces, data, Weights((1.0, 1.0), (1.0, 1.0)))
+    assert float(terms["f1"]) == 0.0 and float(terms["e1"]) == 0.0
+    loss.backward()
+    readout_b = model.readouts[1].linear_2.weight.grad.view(-1, 2)[:, 1]
+    assert torch.count_nonzero(model.readouts[1].linear_2.weight.grad.view(-1, 2)[:, 0]) > 0
+    assert torch.count_nonzero(readout_b) == 0
