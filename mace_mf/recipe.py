@@ -22,6 +22,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mace_mf.errors import RecipeError
 
 FIDELITY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
+# Names users bring from mace_run_train flags, mapped to ours, for did-you-mean hints.
+FAMILIAR_NAMES = {
+    "learning_rate": "lr",
+    "max_num_epochs": "epochs",
+    "ema": "ema_decay",
+    "default_dtype": "dtype",
+    "foundation_model": "foundation",
+    "clip_grad": "clip_grad_norm",
+    "patience": "early_stopping_patience",
+    "valid_file": "valid",
+    "train_file": "train",
+    "test_file": "test",
+}
 
 
 class _Section(BaseModel):
@@ -194,6 +207,11 @@ class Recipe(_Section):
     seed: int = Field(default=0, description="Seed of splits, label subsets, shuffling and initialisation.")
     dtype: Literal["float32", "float64"] = Field(default="float64", description="Floating-point precision.")
     device: str = Field(default="cpu", description="`cpu`, `cuda` or `cuda:<n>`.")
+    num_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU threads for torch; null: torch's default. Small models often run fastest on 1.",
+    )
     foundation: FoundationSpec
     fidelities: dict[str, FidelitySpec] = Field(
         description="Fidelities by name; each becomes one readout head (order = head order)."
@@ -244,6 +262,22 @@ class Recipe(_Section):
         return self.export.fidelities or list(self.fidelities)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML loader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; each key (and fidelity name) may appear once",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
@@ -263,6 +297,9 @@ def _suggest(loc: tuple[Any, ...]) -> str:
             model = annotation
         elif str(part) == "fidelities":
             model = FidelitySpec
+    familiar = FAMILIAR_NAMES.get(str(loc[-1]))
+    if familiar in model.model_fields:
+        return f" (did you mean {familiar!r}?)"
     close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
     return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(model.model_fields)})"
 
@@ -271,7 +308,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     """One line for the first problem: file, dotted key, what is wrong and how to fix it."""
     first = error.errors()[0]
     loc = tuple(first["loc"])
-    key = _dotted(loc) or "<top level>"
+    key = _dotted(loc)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key {key!r}{_suggest(loc)}"
     if first["type"] == "missing":
@@ -279,7 +316,7 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
-    return f"{source}: {key}: {message}{shown}"
+    return f"{source}: {key + ': ' if key else ''}{message}{shown}"
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -335,7 +372,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except OSError as exc:
         raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
     try:
-        tree = yaml.safe_load(text)
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

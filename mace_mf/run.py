@@ -228,6 +228,8 @@ def _train_run(
 ) -> Path:
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
+    if recipe.num_threads is not None:
+        torch.set_num_threads(recipe.num_threads)
     dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
     device = resolve_device(recipe.device)
     foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)

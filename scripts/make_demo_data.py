@@ -166,9 +166,7 @@ def sample_molecule(
     return frames
 
 
-def dft_label(
-    symbols: Sequence[str], positions: np.ndarray, xc: str, basis: str
-) -> tuple[float, np.ndarray] | None:
+def dft_label(symbols: Sequence[str], positions: np.ndarray, xc: str, basis: str) -> tuple[float, np.ndarray] | None:
     """Density-fitted RKS energy (eV) and forces (eV/Å); ``None`` if the SCF does not converge."""
     from pyscf import dft, gto
 
@@ -201,9 +199,7 @@ def per_molecule_counts(total: int, n_molecules: int) -> list[int]:
     return [total // n_molecules + (i < total % n_molecules) for i in range(n_molecules)]
 
 
-def sample_set(
-    pool: Pool, total: int, seed: int, stream: int, opts: SamplingOptions, label_method: str
-) -> list[Frame]:
+def sample_set(pool: Pool, total: int, seed: int, stream: int, opts: SamplingOptions, label_method: str) -> list[Frame]:
     """Sample ``total`` frames spread over :data:`MOLECULES`, one trajectory per molecule."""
     counts = per_molecule_counts(total, len(MOLECULES))
     tasks = [
@@ -239,9 +235,7 @@ def build_finetune(pool: Pool, frames: Sequence[Frame], xc: str, basis: str) -> 
     tasks = [(frame.symbols, frame.positions, xc, basis) for frame in frames]
     configs: list[Atoms] = []
     start = time.perf_counter()
-    for config_id, (frame, result) in enumerate(
-        zip(frames, pool.imap(_dft_task, tasks, chunksize=1), strict=True)
-    ):
+    for config_id, (frame, result) in enumerate(zip(frames, pool.imap(_dft_task, tasks, chunksize=1), strict=True)):
         if result is None:
             LOG.warning("config %d (%s): DFT SCF not converged, dropped", config_id, frame.molecule)
             continue
@@ -257,9 +251,7 @@ def build_finetune(pool: Pool, frames: Sequence[Frame], xc: str, basis: str) -> 
 
 def split_and_write(configs: list[Atoms], n_valid: int, n_test: int, seed: int, out: Path) -> dict[str, int]:
     """Random split (valid and test get fixed sizes, train the rest), each sorted by config_id."""
-    order = np.random.default_rng(np.random.SeedSequence([seed, FINETUNE_STREAM, 10_000])).permutation(
-        len(configs)
-    )
+    order = np.random.default_rng(np.random.SeedSequence([seed, FINETUNE_STREAM, 10_000])).permutation(len(configs))
     parts = {
         "valid": order[:n_valid],
         "test": order[n_valid : n_valid + n_test],
@@ -274,9 +266,7 @@ def split_and_write(configs: list[Atoms], n_valid: int, n_test: int, seed: int, 
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("demo"), help="output directory")
     parser.add_argument("--seed", type=int, default=2024, help="base seed for all random streams")
     parser.add_argument("--n-pretrain", type=int, default=2400, help="GFN1-xTB pretraining configurations")
@@ -294,9 +284,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rattle", type=float, default=0.02, help="Gaussian rattle on frames (Å)")
     parser.add_argument("--min-dist", type=float, default=0.7, help="smallest allowed distance (Å)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-    parser.add_argument(
-        "--skip-pretrain", action="store_true", help="only (re)generate the fine-tuning splits"
-    )
+    parser.add_argument("--skip-pretrain", action="store_true", help="only (re)generate the fine-tuning splits")
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,30 @@
+# One command sets up and runs the demo (`make demo`); one sets up and runs the tests (`make test`).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test lint clean
+
+$(BIN)/mace-mf: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/mace-mf
+
+demo: setup
+	$(BIN)/mace-mf train recipes/quickstart.yaml --out runs/quickstart --overwrite
+
+test: setup
+	$(BIN)/ruff check mace_mf tests scripts
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check mace_mf tests scripts
+	$(BIN)/ruff format --check mace_mf tests scripts
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

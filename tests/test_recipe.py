@@ -1,0 +1,129 @@
+"""The recipe schema: the contract validates, mistakes get one line naming the key and the fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mace_mf.errors import RecipeError
+from mace_mf.recipe import Recipe, dump_recipe, load_recipe, reference_markdown
+
+CONTRACT = """
+name: pyseqm-mf
+seed: 0
+dtype: float64
+device: cpu
+foundation:
+  model: ../shared/models/spice_small_2022.model
+fidelities:
+  pm6: {energy_key: pm6_energy, forces_key: pm6_forces, energy_weight: 1.0, forces_weight: 10.0}
+  dft: {energy_key: dft_energy, forces_key: dft_forces, energy_weight: 10.0, forces_weight: 0.0}
+data:
+  train: ../shared/data/pyseqm_chno/train.xyz
+  valid: ../shared/data/pyseqm_chno/valid.xyz
+  test: ../shared/data/pyseqm_chno/test.xyz
+training: {epochs: 30, batch_size: 16, lr: 0.001, target: dft}
+export: {fidelities: [dft, pm6]}
+wandb: {mode: disabled}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_contract_recipe_validates_and_resolves_paths_against_its_folder(tmp_path):
+    recipe = load_recipe(write(tmp_path, CONTRACT))
+    assert recipe.target == "dft"
+    assert list(recipe.fidelities) == ["pm6", "dft"]
+    assert recipe.fidelities["dft"].forces_weight == 0.0
+    assert recipe.foundation.model == str((tmp_path / "../shared/models/spice_small_2022.model").resolve())
+    assert recipe.data.test == str((tmp_path / "../shared/data/pyseqm_chno/test.xyz").resolve())
+    assert recipe.export_fidelities == ["dft", "pm6"]
+
+
+def test_dump_round_trips_with_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, CONTRACT))
+    again = Recipe.model_validate(yaml.safe_load(dump_recipe(recipe)))
+    assert again == recipe
+    assert "ema_decay" in dump_recipe(recipe)
+
+
+def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
+    recipe = load_recipe(write(tmp_path, CONTRACT), ["training.lr=5e-4", "fidelities.dft.label_fraction=0.2"])
+    assert recipe.training.lr == 5e-4
+    assert recipe.fidelities["dft"].label_fraction == 0.2
+
+
+@pytest.mark.parametrize(
+    "edit,expected",
+    [
+        (("training: {epochs: 30", "training: {epohcs: 30"), "unknown key 'training.epohcs' (did you mean 'epochs'?)"),
+        (("energy_weight: 10.0", "energy_wieght: 10.0"), "did you mean 'energy_weight'?"),
+        (("epochs: 30", "epochs: many"), "training.epochs: Input should be a valid integer"),
+        (("lr: 0.001", "lr: -1"), "training.lr: Input should be greater than 0"),
+        (("target: dft", "target: ccsdt"), "training.target 'ccsdt' is not a declared fidelity"),
+        (("fidelities: [dft, pm6]", "fidelities: [dft, mp2]"), "export.fidelities: 'mp2' is not a declared fidelity"),
+        (("dtype: float64", "dtype: float16"), "dtype: Input should be 'float32' or 'float64'"),
+        (("device: cpu", "device: gpu0"), "device: 'gpu0' is not a device"),
+        (("mode: disabled", "mode: sometimes"), "wandb.mode: Input should be"),
+    ],
+)
+def test_mistakes_are_one_line_naming_the_key(tmp_path, edit, expected):
+    path = write(tmp_path, CONTRACT.replace(*edit))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    assert expected in message
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"line \d+.*malformed YAML"):
+        load_recipe(write(tmp_path, CONTRACT.replace("seed: 0", "seed: [0")))
+
+
+def test_missing_file_and_missing_section(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    with pytest.raises(RecipeError, match="missing required key 'data'"):
+        load_recipe(write(tmp_path, CONTRACT.split("data:")[0]))
+
+
+def test_duplicate_fidelity_names_are_refused(tmp_path):
+    text = CONTRACT.replace("  dft: {energy_key: dft_energy", "  pm6: {energy_key: dft_energy")
+    with pytest.raises(RecipeError, match="duplicate key 'pm6'"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_fidelity_without_any_key_is_refused(tmp_path):
+    text = CONTRACT.replace("pm6: {energy_key: pm6_energy, forces_key: pm6_forces,", "pm6: {")
+    with pytest.raises(RecipeError, match="fidelity 'pm6' has neither energy_key nor forces_key"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_reference_lists_every_key():
+    reference = reference_markdown()
+    for key in (
+        "`fidelities.<name>.forces_weight`",
+        "`training.freeze_backbone_epochs`",
+        "`data.valid_fraction`",
+        "`export.torchscript`",
+        "`wandb.mode`",
+        "`foundation.head`",
+        "`fidelities.<name>.label_fraction`",
+    ):
+        assert key in reference
+
+
+def test_readme_reference_matches_the_schema():
+    from support import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- recipe-reference:start -->")[1].split("<!-- recipe-reference:end -->")[0]
+    assert block.strip() == reference_markdown().strip(), "regenerate with `mace-mf recipe reference`"
