@@ -235,13 +235,12 @@ def subsample_labels(frames: list[Frame], specs: dict[str, FidelitySpec], seed: 
                 frames[i].labels.forces[h] = None
 
 
-def split_off(frames: list[Frame], fraction: float, seed: int, salt: int) -> tuple[list[Frame], list[Frame]]:
-    """Hold out ``fraction`` of ``frames`` with a seeded permutation: (kept, held_out)."""
-    if fraction <= 0.0:
+def split_off(frames: list[Frame], count: int, seed: int, salt: int) -> tuple[list[Frame], list[Frame]]:
+    """Hold out ``count`` of ``frames`` with a seeded permutation: (kept, held_out)."""
+    if count <= 0:
         return frames, []
     order = np.random.default_rng([seed, salt]).permutation(len(frames))
-    n_out = max(1, round(fraction * len(frames)))
-    held = set(order[:n_out].tolist())
+    held = set(order[:count].tolist())
     return [f for i, f in enumerate(frames) if i not in held], [f for i, f in enumerate(frames) if i in held]
 
 

@@ -271,7 +271,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}; each key (and fidelity name) may appear once",
+                    None,
+                    None,
+                    f"duplicate key {key!r}; each key (and fidelity name) may appear once",
                     key_node.start_mark,
                 )
             seen.add(key)

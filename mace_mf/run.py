@@ -25,7 +25,7 @@ from ase.data import atomic_numbers as symbol_to_z
 from mace.tools import AtomicNumberTable
 
 from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
-from mace_mf.errors import FoundationError, RecipeError, RunError
+from mace_mf.errors import RecipeError, RunError
 from mace_mf.evaluate import compute_metrics, metrics_table, parity_plot, predict
 from mace_mf.export import export_models
 from mace_mf.files import atomic_write_text
@@ -94,17 +94,21 @@ def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Spl
     d = recipe.data
     train = read_frames(d.train, specs, d.format)
     check_declared_keys(train, specs, "data.train")
+    # Fractions are of the whole training file, so test and valid sizes do not depend on each other.
+    total = len(train)
     test: list[Frame] | None = None
     if d.test is not None:
         test = read_frames(d.test, specs, d.format)
     elif d.test_fraction > 0:
-        train, test = split_off(train, d.test_fraction, recipe.seed, salt=2)
+        train, test = split_off(train, max(1, round(d.test_fraction * total)), recipe.seed, salt=2)
     if d.valid is not None:
         valid = read_frames(d.valid, specs, d.format)
     else:
         if d.valid_fraction <= 0:
             raise RecipeError("data.valid: no validation file and data.valid_fraction is 0; give one of them")
-        train, valid = split_off(train, d.valid_fraction, recipe.seed, salt=1)
+        train, valid = split_off(train, max(1, round(d.valid_fraction * total)), recipe.seed, salt=1)
+    if not train:
+        raise RecipeError("data: valid_fraction + test_fraction leave no training configurations; lower them")
     for name, frames in (("data.train", train), ("data.valid", valid), ("data.test", test or [])):
         zs = {int(z) for f in frames for z in f.atoms.numbers}
         check_elements(info, zs, name)
@@ -262,16 +266,17 @@ def _train_run(
     }
     atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2))
     try:
-        zero_shot = evaluate_all(model, splits, recipe, device, plots=None)
+        trains = recipe.training.epochs > 0
+        zero_shot = evaluate_all(model, splits, recipe, device, plots=None if trains else out / "plots")
         atomic_write_text(out / "zero_shot_metrics.json", json.dumps(zero_shot, indent=2))
         trainer = Trainer(
             model, recipe, splits.train, splits.valid, device, out / "checkpoints", on_epoch=tracker.log_epoch
         )
         if previous is not None and not trainer.load_checkpoint():
             log.warning("no readable checkpoint in %s; starting from epoch 0", out / "checkpoints")
-        history = trainer.fit() if recipe.training.epochs > 0 else trainer.history
+        history = trainer.fit() if trains else trainer.history
         atomic_write_text(out / "history.json", json.dumps(history.__dict__, indent=2))
-        metrics = evaluate_all(model, splits, recipe, device, plots=out / "plots")
+        metrics = evaluate_all(model, splits, recipe, device, plots=out / "plots") if trains else zero_shot
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         files = export_models(
             model, recipe.export_fidelities, out / "models", recipe.export.multihead, recipe.export.torchscript
@@ -290,6 +295,3 @@ def _train_run(
     tracker.finish()
     log.info("run complete: %s (%.0f s)", out, time.perf_counter() - started)
     return out
-
-
-__all__ = ["FoundationError", "train_run"]

@@ -151,13 +151,15 @@ def force_and_energy_rmse(
         n_atoms.append(len(atoms))
         composition.append([np.count_nonzero(config.numbers == z) for z in ELEMENTS])
     energy_err_arr, n_atoms_arr = np.array(energy_err), np.array(n_atoms)
-    offsets = np.linalg.lstsq(np.array(composition, dtype=float), energy_err_arr, rcond=None)[0]
-    refit_err = energy_err_arr - np.array(composition) @ offsets
+    per_atom_composition = np.array(composition, dtype=float) / n_atoms_arr[:, None]
+    per_atom_err = energy_err_arr / n_atoms_arr
+    offsets = np.linalg.lstsq(per_atom_composition, per_atom_err, rcond=None)[0]
+    refit_err = per_atom_err - per_atom_composition @ offsets
     force_err_all = np.concatenate(force_err)
     return {
         "n_configs": len(configs),
-        "energy_rmse_mev_per_atom": 1e3 * float(np.sqrt(np.mean((energy_err_arr / n_atoms_arr) ** 2))),
-        "energy_rmse_after_e0_refit_mev_per_atom": 1e3 * float(np.sqrt(np.mean((refit_err / n_atoms_arr) ** 2))),
+        "energy_rmse_mev_per_atom": 1e3 * float(np.sqrt(np.mean(per_atom_err**2))),
+        "energy_rmse_after_e0_refit_mev_per_atom": 1e3 * float(np.sqrt(np.mean(refit_err**2))),
         "force_rmse_mev_per_A": 1e3 * float(np.sqrt(np.mean(force_err_all**2))),
         "force_rms_of_data_mev_per_A": 1e3 * float(np.sqrt(np.mean(np.concatenate(forces_ref) ** 2))),
     }

@@ -106,5 +106,5 @@ def write_recipe(path: Path, foundation: Path, files: dict[str, Path], **trainin
         "training": {"epochs": 2, "batch_size": 4, "lr": 0.005, "target": "hi", **training},
         "export": {"torchscript": False},
     }
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

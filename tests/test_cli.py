@@ -67,8 +67,9 @@ def test_named_foundation_offline_says_where_to_put_the_file(capsys, recipe_file
         raise RuntimeError("Model download failed and no local model found")
 
     monkeypatch.setattr(foundations_models, "mace_off", offline)
-    code, err = run_cli(capsys, "train", recipe_file, "--set", "foundation.model=mace_off:small", "--out",
-                        tmp_path / "o")
+    code, err = run_cli(
+        capsys, "train", recipe_file, "--set", "foundation.model=mace_off:small", "--out", tmp_path / "o"
+    )
     assert_one_line_error(
         code, err, "could not download 'mace_off:small'", "copy the file to", "MACE-OFF23_small.model"
     )

@@ -113,7 +113,7 @@ def test_label_fraction_keeps_a_seeded_subset_of_one_fidelity(tmp_path):
 
 def test_split_off_is_seeded_and_disjoint():
     items = list(range(50))
-    kept, held = split_off(items, 0.2, seed=1, salt=1)
+    kept, held = split_off(items, 10, seed=1, salt=1)
     assert len(held) == 10 and sorted(kept + held) == items
-    assert split_off(items, 0.2, seed=1, salt=1) == (kept, held)
-    assert split_off(items, 0.2, seed=2, salt=1)[1] != held
+    assert split_off(items, 10, seed=1, salt=1) == (kept, held)
+    assert split_off(items, 10, seed=2, salt=1)[1] != held
