@@ -12,6 +12,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.table import Table
 
 from mace_mf.errors import DataError, RunError, UserError
 
@@ -35,12 +36,9 @@ def _main(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False,
 ) -> None:
     _state["debug"] = debug
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False, show_time=False)],
-        force=True,
-    )
+    level = logging.WARNING if quiet else logging.INFO
+    console = RichHandler(console=err, show_path=False, show_time=False, level=level)
+    logging.basicConfig(level=level, format="%(message)s", handlers=[console], force=True)
     for noisy in ("matplotlib", "PIL", "wandb"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -68,7 +66,19 @@ def train(
         raise RunError("--resume needs --out pointing at the run folder to continue")
     target = out or default_out(recipe)
     train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
+    metrics = json.loads((target / "metrics.json").read_text())
+    Console().print(metrics_rich_table(metrics))
     err.print(f"[green]done[/green]: {target}/report.md")
+
+
+def metrics_rich_table(metrics: dict) -> Table:
+    """The metrics of every split and fidelity as a terminal table."""
+    from mace_mf.evaluate import METRIC_HEADERS, metrics_rows
+
+    table = Table(*METRIC_HEADERS)
+    for row in metrics_rows(metrics):
+        table.add_row(*row)
+    return table
 
 
 @app.command("eval")
@@ -85,9 +95,7 @@ def evaluate(
     from mace_mf.inference import evaluate_model_file
 
     metrics = evaluate_model_file(model_or_run, [str(p) for p in data], head, energy_key, forces_key, batch_size)
-    from mace_mf.evaluate import metrics_table
-
-    Console().print(metrics_table({"data": metrics}))
+    Console().print(metrics_rich_table({"data": metrics}))
     if json_out is not None:
         from mace_mf.files import atomic_write_text
 

@@ -132,17 +132,33 @@ def _parity(ax, ref: np.ndarray, out: np.ndarray, label: str, err: np.ndarray, u
     ax.text(0.04, 0.94, f"RMSE {rmse:.1f} {unit}\nMAE {mae:.1f} {unit}", transform=ax.transAxes, va="top")
 
 
-def metrics_table(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -> str:
-    """Markdown table of every split and fidelity."""
-    lines = [
-        "| split | fidelity | E MAE (meV/atom) | E RMSE (meV/atom) | F MAE (meV/Å) | F RMSE (meV/Å) | n_E | n_F |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+METRIC_HEADERS = (
+    "split",
+    "fidelity",
+    "E MAE (meV/atom)",
+    "E RMSE (meV/atom)",
+    "F MAE (meV/Å)",
+    "F RMSE (meV/Å)",
+    "n_E",
+    "n_F",
+)
+
+
+def metrics_rows(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -> list[list[str]]:
+    """One formatted row per split and fidelity (``–`` where a label is absent)."""
 
     def fmt(value: float | int | None) -> str:
         return "–" if value is None else (f"{value:.1f}" if isinstance(value, float) else str(value))
 
-    for split, per_fidelity in metrics.items():
-        for name, m in per_fidelity.items():
-            lines.append(f"| {split} | {name} | " + " | ".join(fmt(m[k]) for k in METRIC_KEYS) + " |")
+    return [
+        [split, name, *(fmt(m[k]) for k in METRIC_KEYS)]
+        for split, per_fidelity in metrics.items()
+        for name, m in per_fidelity.items()
+    ]
+
+
+def metrics_table(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -> str:
+    """Markdown table of every split and fidelity."""
+    lines = ["| " + " | ".join(METRIC_HEADERS) + " |", "|" + "---|" * len(METRIC_HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in metrics_rows(metrics)]
     return "\n".join(lines)

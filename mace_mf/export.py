@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,7 +46,9 @@ def export_models(
         written.append(path)
         if torchscript:
             buffer = io.BytesIO()
-            torch.jit.save(jit.compile(single), buffer)
+            with warnings.catch_warnings():  # e3nn's scripting warns about annotations it handles
+                warnings.simplefilter("ignore", UserWarning)
+                torch.jit.save(jit.compile(single), buffer)
             compiled = folder / f"{name}.compiled.model"
             atomic_write_bytes(compiled, buffer.getvalue())
             written.append(compiled)

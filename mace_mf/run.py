@@ -26,7 +26,7 @@ from mace.tools import AtomicNumberTable
 
 from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
 from mace_mf.errors import RecipeError, RunError
-from mace_mf.evaluate import compute_metrics, metrics_table, parity_plot, predict
+from mace_mf.evaluate import compute_metrics, parity_plot, predict
 from mace_mf.export import export_models
 from mace_mf.files import atomic_write_text
 from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
@@ -217,13 +217,20 @@ def train_run(
                 "same recipe and --set options, or start a new --out"
             )
     atomic_write_text(resolved, dump_recipe(recipe))
+    # train.log records the run at INFO level whatever the console shows.
+    package_log = logging.getLogger("mace_mf")
     file_handler = logging.FileHandler(out / "train.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(file_handler)
+    file_handler.setLevel(logging.INFO)
+    previous_level = package_log.level
+    if package_log.getEffectiveLevel() > logging.INFO:
+        package_log.setLevel(logging.INFO)
+    package_log.addHandler(file_handler)
     try:
         return _train_run(recipe, out, recipe_file, previous, started)
     finally:
-        logging.getLogger().removeHandler(file_handler)
+        package_log.removeHandler(file_handler)
+        package_log.setLevel(previous_level)
         file_handler.close()
 
 
@@ -283,7 +290,6 @@ def _train_run(
         )
         wall = time.perf_counter() - started
         write_report(out, recipe, info, splits, metrics, zero_shot, history, e0s, files, wall)
-        log.info("test/valid metrics:\n%s", metrics_table(metrics))
         tracker.log_final(metrics, files)
     except BaseException:
         run_record["status"] = "failed"

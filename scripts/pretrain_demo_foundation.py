@@ -3,8 +3,9 @@
 Real foundation models cannot be shipped or downloaded for the demo, so we make our own:
 a small ScaleShiftMACE (scalar 32x0e hidden features, l<=2 spherical harmonics, two
 residual interactions, body order 4) trained with mace-torch's own training CLI on the
-GFN1-xTB set written by ``make_demo_data.py``. GFN1-xTB differs from both demo fidelities (GFN2-xTB, DFT), so
-the model plays the role of a foundation trained on "some other" level of theory.
+GFN1-xTB set written by ``make_demo_data.py``. GFN1-xTB differs from both demo fidelities
+(GFN2-xTB, DFT), so the model plays the role of a foundation trained on "some other"
+level of theory.
 
 A random ``--heldout-fraction`` of the configurations is never shown to ``mace_run_train``
 (it picks its validation subset from the rest); the exported model is scored on it. The

@@ -166,3 +166,12 @@ def test_eval_command_scores_a_model_file(tmp_path, short_run, two_fidelity_file
     assert json.loads(out.read_text())["hi"]["f_rmse_meV_A"] == pytest.approx(expected["f_rmse_meV_A"], rel=1e-9)
     assert main(["eval", str(short_run), str(two_fidelity_files["test"]), "--json", str(out)]) == 0
     assert set(json.loads(out.read_text())) == {"lo", "hi"}
+
+
+def test_quickstart_recipe_runs_on_the_bundled_demo(tmp_path):
+    from support import ROOT
+
+    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["training.epochs=1", "export.torchscript=false"])
+    out = train_run(recipe, tmp_path / "quickstart")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["dft"]["n_f"] == 40 and metrics["test"]["xtb"]["n_e"] == 40
