@@ -13,7 +13,7 @@ calculator's results (ASE moves ``energy``/``forces`` of extxyz files there).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,11 +249,6 @@ def make_split(
 ) -> Split:
     graphs = [to_graph(f.atoms, f.labels, z_table, r_max, heads, dtype) for f in frames]
     return Split(name, heads, [f.atoms for f in frames], graphs, [f.source for f in frames])
-
-
-def batches_to_device(loader: DataLoader, device: torch.device) -> Iterator[Batch]:
-    for batch in loader:
-        yield batch.to(device)
 
 
 def batch_dict(batch: Batch) -> dict[str, torch.Tensor]:

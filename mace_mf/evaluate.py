@@ -102,9 +102,14 @@ def parity_plot(split: Split, pred: Predictions, fidelity: int, path: Path) -> b
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
     name = split.fidelities[fidelity]
     if sel.any():
-        ref = split.energies()[sel, fidelity] / natoms[sel]
-        out = pred.energies[sel, fidelity] / natoms[sel]
-        _parity(axes[0], ref, out, "energy (eV/atom)", (out - ref) * 1000.0, "meV/atom")
+        # Total energies are dominated by composition; remove a per-element linear baseline fitted
+        # to the reference (the same for both axes) so the plot shows what the model has to learn.
+        counts = np.array([np.bincount(a.numbers, minlength=119) for a in split.atoms], dtype=float)[sel]
+        ref_total = split.energies()[sel, fidelity]
+        baseline = counts @ np.linalg.lstsq(counts, ref_total, rcond=None)[0]
+        ref = (ref_total - baseline) / natoms[sel]
+        out = (pred.energies[sel, fidelity] - baseline) / natoms[sel]
+        _parity(axes[0], ref, out, "energy − composition baseline (eV/atom)", (out - ref) * 1000.0, "meV/atom")
     else:
         axes[0].set_axis_off()
     if forces:

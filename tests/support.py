@@ -20,6 +20,25 @@ from ase.calculators.morse import MorsePotential
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DEMO = ROOT / "demo"
+# The recipe contract of issue 2, verbatim (paths relative to the repository root).
+CONTRACT = """
+name: pyseqm-mf
+seed: 0
+dtype: float64
+device: cpu
+foundation:
+  model: ../shared/models/spice_small_2022.model
+fidelities:
+  pm6: {energy_key: pm6_energy, forces_key: pm6_forces, energy_weight: 1.0, forces_weight: 10.0}
+  dft: {energy_key: dft_energy, forces_key: dft_forces, energy_weight: 10.0, forces_weight: 0.0}
+data:
+  train: ../shared/data/pyseqm_chno/train.xyz
+  valid: ../shared/data/pyseqm_chno/valid.xyz
+  test: ../shared/data/pyseqm_chno/test.xyz
+training: {epochs: 30, batch_size: 16, lr: 0.001, target: dft}
+export: {fidelities: [dft, pm6]}
+wandb: {mode: disabled}
+"""
 MOLECULES = ("CH4", "H2O", "NH3", "CH3OH", "C2H6", "HCOOH", "CH3CHO", "C2H4")
 
 

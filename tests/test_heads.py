@@ -71,16 +71,18 @@ def structure_for(model):
     return atoms
 
 
-def foundations():
-    yield "tiny", build_tiny_mace()
-    for name in SHARED_MODELS:
-        path = SHARED / "models" / name
-        if path.is_file():
-            yield name, load_foundation(str(path), None, torch.float64)[0]
+def load_named_foundation(name):
+    if name == "tiny":
+        return build_tiny_mace()
+    path = SHARED / "models" / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not present on this machine (pretrained models live in ../shared)")
+    return load_foundation(str(path), None, torch.float64)[0]
 
 
-@pytest.mark.parametrize("name,foundation", list(foundations()), ids=lambda v: v if isinstance(v, str) else "")
-def test_every_head_starts_as_the_foundation(name, foundation):
+@pytest.mark.parametrize("name", ["tiny", *SHARED_MODELS])
+def test_every_head_starts_as_the_foundation(name):
+    foundation = load_named_foundation(name)
     atoms = structure_for(foundation)
     ref = MACECalculator(models=copy.deepcopy(foundation), device="cpu", default_dtype="float64")
     atoms.calc = ref

@@ -6,28 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import CONTRACT
 
 from mace_mf.errors import RecipeError
 from mace_mf.recipe import Recipe, dump_recipe, load_recipe, reference_markdown
-
-CONTRACT = """
-name: pyseqm-mf
-seed: 0
-dtype: float64
-device: cpu
-foundation:
-  model: ../shared/models/spice_small_2022.model
-fidelities:
-  pm6: {energy_key: pm6_energy, forces_key: pm6_forces, energy_weight: 1.0, forces_weight: 10.0}
-  dft: {energy_key: dft_energy, forces_key: dft_forces, energy_weight: 10.0, forces_weight: 0.0}
-data:
-  train: ../shared/data/pyseqm_chno/train.xyz
-  valid: ../shared/data/pyseqm_chno/valid.xyz
-  test: ../shared/data/pyseqm_chno/test.xyz
-training: {epochs: 30, batch_size: 16, lr: 0.001, target: dft}
-export: {fidelities: [dft, pm6]}
-wandb: {mode: disabled}
-"""
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from support import SHARED
+from support import CONTRACT, SHARED
 
 from mace_mf.recipe import load_recipe
 from mace_mf.run import train_run
@@ -23,24 +23,6 @@ pytestmark = pytest.mark.skipif(
     not (FOUNDATION.is_file() and (DATA / "train.xyz").is_file()),
     reason="../shared (SPICE foundation, pyseqm_chno PM6/DFT data) is not present on this machine",
 )
-CONTRACT = """
-name: pyseqm-mf
-seed: 0
-dtype: float64
-device: cpu
-foundation:
-  model: {foundation}
-fidelities:
-  pm6: {{energy_key: pm6_energy, forces_key: pm6_forces, energy_weight: 1.0, forces_weight: 10.0}}
-  dft: {{energy_key: dft_energy, forces_key: dft_forces, energy_weight: 10.0, forces_weight: 0.0}}
-data:
-  train: train.xyz
-  valid: valid.xyz
-  test: test.xyz
-training: {{epochs: 30, batch_size: 16, lr: 0.001, target: dft}}
-export: {{fidelities: [dft, pm6]}}
-wandb: {{mode: disabled}}
-"""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +31,8 @@ def subset_recipe(tmp_path_factory):
     for split, n in (("train", 64), ("valid", 16), ("test", 16)):
         ase.io.write(folder / f"{split}.xyz", ase.io.read(DATA / f"{split}.xyz", f":{n}"), format="extxyz")
     path = folder / "recipe.yaml"
-    path.write_text(CONTRACT.format(foundation=FOUNDATION))
+    text = CONTRACT.replace("../shared/models/spice_small_2022.model", str(FOUNDATION))
+    path.write_text(text.replace("../shared/data/pyseqm_chno/", ""))
     return path
 
 
