@@ -47,7 +47,6 @@ class Split:
     fidelities: list[str]
     atoms: list[Atoms]
     graphs: list[AtomicData] = field(repr=False)
-    sources: list[str]
 
     def __len__(self) -> int:
         return len(self.graphs)
@@ -58,11 +57,6 @@ class Split:
             return np.zeros((0, len(self.fidelities)), dtype=bool)
         return torch.cat([g.mf_energy_mask for g in self.graphs]).bool().numpy()
 
-    def forces_mask(self) -> np.ndarray:
-        if not self.graphs:
-            return np.zeros((0, len(self.fidelities)), dtype=bool)
-        return torch.cat([g.mf_forces_mask for g in self.graphs]).bool().numpy()
-
     def energies(self) -> np.ndarray:
         if not self.graphs:
             return np.zeros((0, len(self.fidelities)))
@@ -70,11 +64,9 @@ class Split:
 
     def counts(self, z_table: AtomicNumberTable) -> np.ndarray:
         """``[n_configs, n_elements]`` element counts in the model's element order."""
-        return (
-            torch.stack([g.node_attrs.sum(0) for g in self.graphs]).double().numpy()
-            if self.graphs
-            else (np.zeros((0, len(z_table.zs))))
-        )
+        if not self.graphs:
+            return np.zeros((0, len(z_table.zs)))
+        return torch.stack([g.node_attrs.sum(0) for g in self.graphs]).double().numpy()
 
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
         """Batches in file order, or in a permutation fixed by ``seed`` (e.g. seed and epoch)."""
@@ -187,10 +179,9 @@ def to_graph(
 
 @dataclass
 class Frame:
-    """A configuration read from a file, with where it came from."""
+    """A configuration read from a file with its validated labels."""
 
     atoms: Atoms
-    source: str
     labels: Labels
 
 
@@ -201,7 +192,7 @@ def read_frames(paths: str | list[str], specs: dict[str, FidelitySpec], fmt: str
         for i, atoms in enumerate(read_atoms(path, fmt)):
             where = f"{path}: configuration {i}"
             check_geometry(atoms, where)
-            frames.append(Frame(atoms, f"{Path(path).name}:{i}", read_labels(atoms, specs, where)))
+            frames.append(Frame(atoms, read_labels(atoms, specs, where)))
     return frames
 
 
@@ -248,7 +239,7 @@ def make_split(
     name: str, frames: list[Frame], heads: list[str], z_table: AtomicNumberTable, r_max: float, dtype: torch.dtype
 ) -> Split:
     graphs = [to_graph(f.atoms, f.labels, z_table, r_max, heads, dtype) for f in frames]
-    return Split(name, heads, [f.atoms for f in frames], graphs, [f.source for f in frames])
+    return Split(name, heads, [f.atoms for f in frames], graphs)
 
 
 def batch_dict(batch: Batch) -> dict[str, torch.Tensor]:

@@ -176,7 +176,7 @@ def _without_forces(split: Split) -> Split:
         clone = copy.copy(g)
         clone.mf_forces_mask = torch.zeros_like(g.mf_forces_mask)
         graphs.append(clone)
-    return Split(split.name, split.fidelities, split.atoms, graphs, split.sources)
+    return Split(split.name, split.fidelities, split.atoms, graphs)
 
 
 def resolve_device(name: str) -> torch.device:
