@@ -175,3 +175,16 @@ def test_quickstart_recipe_runs_on_the_bundled_demo(tmp_path):
     out = train_run(recipe, tmp_path / "quickstart")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["dft"]["n_f"] == 40 and metrics["test"]["xtb"]["n_e"] == 40
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_model_file, two_fidelity_files, caplog):
+    recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=2))
+    out = train_run(recipe, tmp_path / "out")
+    latest = out / "checkpoints" / "epoch-0001.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # a torn write
+    with caplog.at_level("WARNING", logger="mace_mf"):
+        train_run(recipe, out, resume=True)
+    assert "epoch-0001.pt unreadable" in caplog.text
+    history = json.loads((out / "history.json").read_text())
+    assert [r["epoch"] for r in history["epochs"]] == [0, 1]
+    assert torch.load(latest, weights_only=False)["epoch"] == 1  # rewritten whole
