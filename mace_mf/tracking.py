@@ -89,11 +89,15 @@ class WandbTracker(Tracker):
         self.run.log(flatten_epoch(record))
 
     def log_final(self, metrics: dict[str, Any], files: list[Path]) -> None:
-        for split, per_fidelity in metrics.items():
-            for fidelity, values in per_fidelity.items():
-                for key, value in values.items():
-                    if value is not None:
-                        self.run.summary[f"{split}/{fidelity}/{key}"] = value
+        self.run.summary.update(
+            {
+                f"final/{split}/{fidelity}/{key}": value
+                for split, per_fidelity in metrics.items()
+                for fidelity, values in per_fidelity.items()
+                for key, value in values.items()
+                if value is not None
+            }
+        )
 
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
