@@ -1,4 +1,8 @@
-"""``mace-mf <verb>``: a thin shell over the modules; every user error is one line and exit code 2."""
+"""``mace-mf <verb>``: a thin shell over the modules; every user error is one line and exit code 2.
+
+Commands import the heavy modules (torch, mace) inside their bodies so that ``--help`` and
+``recipe check`` answer instantly.
+"""
 
 from __future__ import annotations
 

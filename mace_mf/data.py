@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import torch
 from ase import Atoms
@@ -78,8 +79,6 @@ class Split:
 
 def read_atoms(path: str, fmt: str | None) -> list[Atoms]:
     """All configurations of one ASE-readable file, with a one-line error when it cannot be read."""
-    import ase.io
-
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{path}: data file not found; check data.* in the recipe")

@@ -22,6 +22,7 @@ import copy
 import math
 from collections.abc import Sequence
 
+import mace  # noqa: F401  (before e3nn: mace relaxes torch.load for e3nn's constants)
 import numpy as np
 import torch
 from e3nn import o3

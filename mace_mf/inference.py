@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from mace.tools import AtomicNumberTable
 
 from mace_mf.data import make_split, read_frames
@@ -42,8 +43,6 @@ def _specs_from_run(run: Path) -> dict[str, FidelitySpec] | None:
     resolved = run / "recipe.resolved.yaml"
     if not run.is_dir() or not resolved.is_file():
         return None
-    import yaml
-
     tree = yaml.safe_load(resolved.read_text())
     return {name: FidelitySpec.model_validate(spec) for name, spec in tree["fidelities"].items()}
 

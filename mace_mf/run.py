@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from ase.data import atomic_numbers as symbol_to_z
+from ase.data import chemical_symbols
 from mace.tools import AtomicNumberTable
 
 from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
@@ -140,8 +142,6 @@ def assign_e0s(
     labels, mask = train.energies(), train.energy_mask()
     foundation_energy: np.ndarray | None = None
     result: dict[str, dict[str, float]] = {}
-    from ase.data import chemical_symbols
-
     for h, (name, spec) in enumerate(recipe.fidelities.items()):
         if spec.e0s == "fit" and mask[:, h].any():
             if foundation_energy is None:
@@ -208,8 +208,6 @@ def train_run(
     previous = prepare_out(out, resume, overwrite)
     resolved = out / "recipe.resolved.yaml"
     if resume and resolved.is_file():
-        import yaml
-
         saved = recipe_from_dict(yaml.safe_load(resolved.read_text()), str(resolved), out)
         if dump_recipe(saved) != dump_recipe(recipe):
             raise RunError(
