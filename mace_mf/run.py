@@ -32,7 +32,7 @@ from mace_mf.evaluate import compute_metrics, parity_plot, predict
 from mace_mf.export import export_models
 from mace_mf.files import atomic_write_text
 from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
-from mace_mf.heads import build_fidelity_model, extract_head, fit_e0s, set_head_e0s
+from mace_mf.heads import extract_head, fit_e0s, replicate_head, set_head_e0s
 from mace_mf.recipe import Recipe, dump_recipe, recipe_from_dict
 from mace_mf.report import write_report
 from mace_mf.tracking import make_tracker
@@ -257,7 +257,7 @@ def _train_run(
         len(splits.test) if splits.test else 0,
     )
     single = extract_head(foundation, info.head)
-    model = build_fidelity_model(foundation, info.head, list(recipe.fidelities)).to(device)
+    model = replicate_head(single, list(recipe.fidelities)).to(device)
     e0s = assign_e0s(model, single, recipe, splits.train, device)
     del foundation, single
     tracker = make_tracker(recipe, out, recipe_file, (previous or {}).get("wandb_id"))
