@@ -128,6 +128,43 @@ def export(
     export_models(model, list(fidelity or names), out, multihead=True, torchscript=torchscript)
 
 
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{option}: {text!r} is not a comma-separated list of numbers") from None
+
+
+@app.command()
+def bench(
+    recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file (the `mf` arm).")],
+    out: Annotated[Path, typer.Option(help="Benchmark folder; finished runs in it are not rerun.")],
+    arms: Annotated[str, typer.Option(help="Comma-separated arms.")] = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    fractions: Annotated[str, typer.Option(help="Fractions of high-level energies for the learning curve.")] = "1",
+    fraction_arms: Annotated[str, typer.Option(help="Arms run at every fraction.")] = "sf-high-e,mf",
+    low: Annotated[str | None, typer.Option(help="Low fidelity (default: the first non-target).")] = None,
+    high: Annotated[str | None, typer.Option(help="High fidelity (default: training.target).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Train the comparison arms (energies only, oracle, low only, multi-fidelity) and say whether
+    multi-fidelity pays on this data (closure on the validation split)."""
+    from mace_mf.bench import run_benchmark
+
+    run_benchmark(
+        recipe_file,
+        out,
+        [a for a in arms.split(",") if a],
+        [int(x) for x in _floats(seeds, "--seeds")],
+        _floats(fractions, "--fractions"),
+        [a for a in fraction_arms.split(",") if a],
+        list(set_ or []),
+        low,
+        high,
+    )
+    sys.stdout.write((out / "results.md").read_text())
+
+
 @recipe_app.command("check")
 def recipe_check(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE")], set_: SetOption = None) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""

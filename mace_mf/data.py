@@ -69,6 +69,30 @@ class Split:
             return np.zeros((0, len(z_table.zs)))
         return torch.stack([g.node_attrs.sum(0) for g in self.graphs]).double().numpy()
 
+    def label_variances(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per fidelity: variance of energy per atom left after a per-element linear fit
+        (eV²/atom²), and mean square force component (eV²/Å²); NaN where unlabelled.
+
+        These are the scales at which a loss term is "large" for that fidelity, whatever its
+        units or absolute reference.
+        """
+        n_heads = len(self.fidelities)
+        e_var, f_var = np.full(n_heads, np.nan), np.full(n_heads, np.nan)
+        if not self.graphs:
+            return e_var, f_var
+        counts = torch.stack([g.node_attrs.sum(0) for g in self.graphs]).double().numpy()
+        labels, e_mask = self.energies(), self.energy_mask()
+        natoms = counts.sum(1)
+        for h in range(n_heads):
+            sel = e_mask[:, h]
+            if sel.sum() > 1:
+                coef, *_ = np.linalg.lstsq(counts[sel], labels[sel, h], rcond=None)
+                e_var[h] = float(np.var((labels[sel, h] - counts[sel] @ coef) / natoms[sel]))
+            forces = [g.mf_forces[:, h] for g in self.graphs if bool(g.mf_forces_mask[0, h])]
+            if forces:
+                f_var[h] = float(torch.cat(forces).double().square().mean())
+        return e_var, f_var
+
     def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
         """Batches in file order, or in a permutation fixed by ``seed`` (e.g. seed and epoch)."""
         order: Sequence[int] = range(len(self.graphs))

@@ -19,7 +19,7 @@ import torch
 from mace.modules.models import ScaleShiftMACE
 
 from mace_mf.files import atomic_torch_save, atomic_write_bytes, atomic_write_text
-from mace_mf.heads import extract_head, head_names
+from mace_mf.heads import EMBEDDING_PARAMETER, delta_bases, extract_head, head_names, merge_heads
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def export_models(
     from e3nn.util import jit
 
     written: list[Path] = []
+    names = head_names(model)
     for name in fidelities:
         single = _portable(extract_head(model, name))
         path = folder / f"{name}.model"
@@ -52,9 +53,14 @@ def export_models(
             compiled = folder / f"{name}.compiled.model"
             atomic_write_bytes(compiled, buffer.getvalue())
             written.append(compiled)
+    if multihead and getattr(model, EMBEDDING_PARAMETER, None) is not None:
+        log.warning("fidelity-conditioned backbone: heads do not share a backbone, multihead.model not written")
+        multihead = False
     if multihead:
         path = folder / "multihead.model"
-        atomic_torch_save(_portable(model), path)
+        # Delta heads exist only in training; the file holds each head folded into a stock readout.
+        stock = model if not any(delta_bases(model)) else merge_heads([extract_head(model, n) for n in names], names)
+        atomic_torch_save(_portable(stock), path)
         written.append(path)
     atomic_write_text(folder / "HEADS.txt", "\n".join(head_names(model)) + "\n")
     log.info("exported %s", ", ".join(p.name for p in written))

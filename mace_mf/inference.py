@@ -25,7 +25,10 @@ def _model_path(model_or_run: Path) -> Path:
     if model_or_run.is_dir():
         path = model_or_run / "models" / "multihead.model"
         if not path.is_file():
-            raise DataError(f"{model_or_run}: no models/multihead.model; is this a finished mace_mf run?")
+            raise DataError(
+                f"{model_or_run}: no models/multihead.model (not a finished mace_mf run, or one with "
+                "export.multihead off or a fidelity-conditioned backbone); pass models/<fidelity>.model"
+            )
         return path
     return model_or_run
 

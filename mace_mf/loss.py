@@ -1,6 +1,7 @@
 """The multi-fidelity loss.
 
     L = Σ_f  w_E(f) · MSE_f(E/atom)  +  w_F(f) · MSE_f(F components)
+          + w_P(f) · MSE(F_f − F labels of base(f))     (cross-fidelity force prior, optional)
 
 Each term is averaged over the entries that carry that label (its own mask count), so a fidelity
 labelled on 5 % of the batch weighs as much per entry as one labelled everywhere, and an absent
@@ -21,10 +22,22 @@ class Weights:
 
     energy: tuple[float, ...]
     forces: tuple[float, ...]
+    base: tuple[int | None, ...] = ()
+    base_forces: tuple[float, ...] = ()
 
     def force_heads(self) -> list[int]:
-        """Heads whose forces are trained on."""
-        return [h for h, w in enumerate(self.forces) if w > 0.0]
+        """Heads whose forces enter the loss (own labels, or the base's as a prior)."""
+        return [h for h in range(len(self.forces)) if self.forces[h] > 0.0 or self.prior(h) > 0.0]
+
+    def prior(self, head: int) -> float:
+        """Weight of the cross-fidelity force prior of ``head`` (0 when it has none)."""
+        return self.base_forces[head] if self.base_forces and self.base[head] is not None else 0.0
+
+    def needs_forces(self, head: int, forces_mask: torch.Tensor) -> bool:
+        """Whether a batch with per-graph ``forces_mask [n_graphs, H]`` needs ``head``'s forces."""
+        own = self.forces[head] > 0.0 and bool(forces_mask[:, head].any())
+        base = self.base[head] if self.base else None
+        return own or (self.prior(head) > 0.0 and base is not None and bool(forces_mask[:, base].any()))
 
 
 def masked_mse(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +73,17 @@ def multi_fidelity_loss(
         if w_e > 0.0:
             total = total + w_e * mse_e
     for h, pred in forces.items():
-        mse_f = masked_mse(pred - data["mf_forces"][:, h], node_force_mask(data, h).expand_as(pred))
-        terms[f"f{h}"] = mse_f.detach()
-        total = total + weights.forces[h] * mse_f
+        own = node_force_mask(data, h)
+        if weights.forces[h] > 0.0:
+            mse_f = masked_mse(pred - data["mf_forces"][:, h], own.expand_as(pred))
+            terms[f"f{h}"] = mse_f.detach()
+            total = total + weights.forces[h] * mse_f
+        base = weights.base[h] if weights.base else None
+        if weights.prior(h) > 0.0 and base is not None:
+            # Only where this fidelity's own force labels are not trained on: there, they rule.
+            trained_own = own if weights.forces[h] > 0.0 else torch.zeros_like(own)
+            mask = (node_force_mask(data, base) * (1.0 - trained_own)).expand_as(pred)
+            mse_p = masked_mse(pred - data["mf_forces"][:, base], mask)
+            terms[f"p{h}"] = mse_p.detach()
+            total = total + weights.prior(h) * mse_p
     return total, terms

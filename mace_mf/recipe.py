@@ -101,6 +101,38 @@ class FidelitySpec(_Section):
             "geometries (learning curves without new data files)."
         ),
     )
+    base: str | None = Field(
+        default=None,
+        description=(
+            "A lower-level fidelity this head leans on (`coupling`, `base_forces_weight`); "
+            "typically the one with forces, e.g. `pm6` for a `dft` head with energies only."
+        ),
+    )
+    coupling: Literal["independent", "delta", "tied"] = Field(
+        default="independent",
+        description=(
+            "How this head relates to `base`: `independent` (own readout, mace-torch's multi-head "
+            "fine-tuning), `delta` (energy = base head + a correction readout that starts at zero, "
+            "so the head starts with the base's forces), `tied` (own readout pulled toward the "
+            "base's by an L2 penalty of `coupling_strength`)."
+        ),
+    )
+    coupling_strength: float = Field(
+        default=0.0,
+        ge=0.0,
+        description=(
+            "`delta`: L2 penalty on the correction readout's output weights; `tied`: L2 penalty on "
+            "the difference between this head's and the base's readout weights. 0: none."
+        ),
+    )
+    base_forces_weight: float = Field(
+        default=0.0,
+        ge=0.0,
+        description=(
+            "Loss weight of a weak prior pulling this head's forces toward the base fidelity's force "
+            "labels (eV²/Å²), where this fidelity's own forces are not trained on. 0: off."
+        ),
+    )
 
 
 class DataSpec(_Section):
@@ -120,6 +152,14 @@ class DataSpec(_Section):
         default=0.0, ge=0.0, lt=1.0, description="Share of train held out when `test` is null."
     )
     format: str | None = Field(default=None, description="ASE format name; null: guessed from the file name.")
+    max_train: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Train on a seeded subset of at most this many configurations (taken after validation "
+            "and test are split off): quick benchmarks and learning curves in geometries. null: all."
+        ),
+    )
 
     @field_validator("train", "valid", "test")
     @classmethod
@@ -167,6 +207,22 @@ class TrainingSpec(_Section):
     scheduler_factor: float = Field(default=0.5, gt=0.0, lt=1.0, description="LR multiplier on a plateau.")
     early_stopping_patience: int | None = Field(
         default=None, ge=1, description="Stop after this many epochs without improvement; null: off."
+    )
+    fidelity_embedding: bool = Field(
+        default=False,
+        description=(
+            "Condition the backbone on the fidelity (SevenNet-MF style): a learned vector per "
+            "fidelity added to the node embedding, so heads differ inside the network. Costs one "
+            "backbone pass per fidelity; single-head exports fold it in, `multihead.model` is not written."
+        ),
+    )
+    normalise_weights: bool = Field(
+        default=False,
+        description=(
+            "Divide each fidelity's energy and forces weights by the variance of its training "
+            "labels (energy per atom after a per-element fit; force components), so weights are "
+            "relative and no fidelity dominates by its units or spread alone."
+        ),
     )
     target: str | None = Field(
         default=None,
@@ -247,6 +303,22 @@ class Recipe(_Section):
         declared = list(self.fidelities)
         if self.training.target is not None and self.training.target not in declared:
             raise ValueError(f"training.target {self.training.target!r} is not a declared fidelity {declared}")
+        for name, spec in self.fidelities.items():
+            where = f"fidelities.{name}"
+            if spec.base is None:
+                if spec.coupling != "independent" or spec.base_forces_weight > 0:
+                    raise ValueError(f"{where}: coupling {spec.coupling!r} and base_forces_weight need `base:`")
+                continue
+            if spec.base not in declared or spec.base == name:
+                raise ValueError(f"{where}.base: {spec.base!r} must be another declared fidelity {declared}")
+            if spec.base_forces_weight > 0 and self.fidelities[spec.base].forces_key is None:
+                raise ValueError(f"{where}.base_forces_weight: base {spec.base!r} has no forces_key")
+        for name in self.fidelities:
+            seen = [name]
+            while (base := self.fidelities[seen[-1]].base) is not None:
+                if base in seen:
+                    raise ValueError(f"fidelities: `base` forms a cycle {' -> '.join([*seen, base])}")
+                seen.append(base)
         for name in self.export.fidelities or []:
             if name not in declared:
                 raise ValueError(f"export.fidelities: {name!r} is not a declared fidelity {declared}")

@@ -26,13 +26,14 @@ from ase.data import atomic_numbers as symbol_to_z
 from ase.data import chemical_symbols
 from mace.tools import AtomicNumberTable
 
+from mace_mf.coupling import apply_couplings
 from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
 from mace_mf.errors import RecipeError, RunError
 from mace_mf.evaluate import compute_metrics, parity_plot, predict
 from mace_mf.export import export_models
 from mace_mf.files import atomic_write_text
 from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
-from mace_mf.heads import extract_head, fit_e0s, replicate_head, set_head_e0s
+from mace_mf.heads import add_fidelity_embedding, extract_head, fit_e0s, replicate_head, set_head_e0s
 from mace_mf.recipe import Recipe, dump_recipe, recipe_from_dict
 from mace_mf.report import write_report
 from mace_mf.tracking import make_tracker
@@ -111,6 +112,8 @@ def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Spl
         train, valid = split_off(train, max(1, round(d.valid_fraction * total)), recipe.seed, salt=1)
     if not train:
         raise RecipeError("data: valid_fraction + test_fraction leave no training configurations; lower them")
+    if d.max_train is not None and len(train) > d.max_train:
+        train, _ = split_off(train, len(train) - d.max_train, recipe.seed, salt=3)
     for name, frames in (("data.train", train), ("data.valid", valid), ("data.test", test or [])):
         zs = {int(z) for f in frames for z in f.atoms.numbers}
         check_elements(info, zs, name)
@@ -258,6 +261,9 @@ def _train_run(
     )
     single = extract_head(foundation, info.head)
     model = replicate_head(single, list(recipe.fidelities)).to(device)
+    apply_couplings(model, recipe)
+    if recipe.training.fidelity_embedding:
+        add_fidelity_embedding(model)
     e0s = assign_e0s(model, single, recipe, splits.train, device)
     del foundation, single
     tracker = make_tracker(recipe, out, recipe_file, (previous or {}).get("wandb_id"))

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch_ema import ExponentialMovingAverage
 
+from mace_mf.coupling import coupling_penalty, couplings
 from mace_mf.data import Split, batch_dict
 from mace_mf.errors import RunError
 from mace_mf.evaluate import compute_metrics, predict
@@ -37,6 +39,7 @@ BLOCKS = {
     "readouts": ("readouts",),
 }
 CHECKPOINT_FORMAT = 1
+TERM_NAMES = {"e": "e_mse", "f": "f_mse", "p": "f_prior_mse"}
 
 
 def block_of(name: str) -> str:
@@ -111,7 +114,26 @@ class Trainer:
         self.on_epoch = on_epoch
         t = recipe.training
         specs = list(recipe.fidelities.values())
-        self.weights = Weights(tuple(s.energy_weight for s in specs), tuple(s.forces_weight for s in specs))
+        names = list(recipe.fidelities)
+        e_scale, f_scale = np.ones(len(specs)), np.ones(len(specs))
+        if t.normalise_weights:
+            e_var, f_var = train.label_variances()
+            e_scale = 1.0 / np.maximum(np.nan_to_num(e_var, nan=1.0), 1e-12)
+            f_scale = 1.0 / np.maximum(np.nan_to_num(f_var, nan=1.0), 1e-12)
+            log.info(
+                "loss weights normalised by label variance: %s",
+                ", ".join(f"{n} E×{e:.3g} F×{f:.3g}" for n, e, f in zip(names, e_scale, f_scale, strict=True)),
+            )
+        self.weights = Weights(
+            tuple(float(s.energy_weight * e) for s, e in zip(specs, e_scale, strict=True)),
+            tuple(float(s.forces_weight * f) for s, f in zip(specs, f_scale, strict=True)),
+            tuple(names.index(s.base) if s.base is not None else None for s in specs),
+            tuple(
+                float(s.base_forces_weight * (f_scale[names.index(s.base)] if s.base is not None else 1.0))
+                for s in specs
+            ),
+        )
+        self.coupled = couplings(recipe)
         self.heads = list(range(len(specs)))
         groups = parameter_groups(model, t.lr, t.lr_factors)
         if not groups:
@@ -189,11 +211,15 @@ class Trainer:
         for index, batch in enumerate(loader):
             data = batch_dict(batch.to(self.device))
             energies = fidelity_energies(self.model, data, self.heads)
-            trained = [h for h in force_heads if bool(data["mf_forces_mask"][:, h].any())]
+            trained = [h for h in force_heads if self.weights.needs_forces(h, data["mf_forces_mask"])]
             forces = dict(
                 zip(trained, fidelity_forces(energies, data["positions"], trained, create_graph=True), strict=True)
             )
             loss, terms = multi_fidelity_loss(energies, forces, data, self.weights)
+            penalty = coupling_penalty(self.model, self.coupled)
+            if penalty is not None:
+                loss = loss + penalty
+                terms["c0"] = penalty.detach()
             if not torch.isfinite(loss):
                 raise RunError(
                     f"training: loss is {loss.item()} at epoch {epoch}, batch {index}; lower training.lr "
@@ -218,7 +244,10 @@ class Trainer:
         out = {"loss": total_loss / max(n_batches, 1)}
         for key, value in sums.items():
             kind, h = key[0], int(key[1:])
-            out[f"{names[h]}/{'e_mse' if kind == 'e' else 'f_mse'}"] = value / n_batches
+            if kind == "c":
+                out["coupling_penalty"] = value / n_batches
+            else:
+                out[f"{names[h]}/{TERM_NAMES[kind]}"] = value / n_batches
         return out
 
     def evaluate(self, split: Split) -> dict[str, dict[str, Any]]:

@@ -53,6 +53,10 @@ def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
         (("dtype: float64", "dtype: float16"), "dtype: Input should be 'float32' or 'float64'"),
         (("device: cpu", "device: gpu0"), "device: 'gpu0' is not a device"),
         (("mode: disabled", "mode: sometimes"), "wandb.mode: Input should be"),
+        (("forces_weight: 0.0}", "forces_weight: 0.0, coupling: delta}"), "fidelities.dft: coupling 'delta'"),
+        (("forces_weight: 0.0}", "forces_weight: 0.0, base: dft}"), "fidelities.dft.base: 'dft' must be another"),
+        (("forces_weight: 0.0}", "forces_weight: 0.0, base: xtb}"), "fidelities.dft.base: 'xtb' must be another"),
+        (("forces_weight: 0.0}", "forces_weight: 0.0, coupling: glued}"), "fidelities.dft.coupling: Input should be"),
     ],
 )
 def test_mistakes_are_one_line_naming_the_key(tmp_path, edit, expected):
@@ -109,3 +113,11 @@ def test_readme_reference_matches_the_schema():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- recipe-reference:start -->")[1].split("<!-- recipe-reference:end -->")[0]
     assert block.strip() == reference_markdown().strip(), "regenerate with `mace-mf recipe reference`"
+
+
+def test_base_cycles_are_refused(tmp_path):
+    text = CONTRACT.replace("forces_weight: 0.0}", "forces_weight: 0.0, base: pm6}").replace(
+        "forces_weight: 10.0}", "forces_weight: 10.0, base: dft}"
+    )
+    with pytest.raises(RecipeError, match="cycle pm6 -> dft -> pm6"):
+        load_recipe(write(tmp_path, text))

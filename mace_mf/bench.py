@@ -1,0 +1,285 @@
+"""Does multi-fidelity pay on this data? Train the comparison arms and score them side by side.
+
+Every arm is the user's recipe plus ``--set`` overrides, so the arms differ only in what the issue
+says they differ in (which labels are trained on, how heads are coupled) and share the foundation,
+epochs, batch size and evaluation. The high fidelity's *forces* are never trained on except in the
+``sf-high-ef`` oracle; where the validation/test files carry them, they score every arm.
+
+closure = (F_RMSE(sf-high-e) − F_RMSE(arm)) / (F_RMSE(sf-high-e) − F_RMSE(sf-high-ef)): the share of
+the benefit of high-level forces that an arm recovers without them (1 = as good as the oracle,
+0 = no better than energies alone, < 0 = worse than energies alone).
+
+Runs live in ``<out>/<arm>/seed<k>[/frac<f>]``; a finished run (``run.json`` status complete) is
+never rerun, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mace_mf.errors import RecipeError
+from mace_mf.files import atomic_write_text
+from mace_mf.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training, as recipe overrides; ``fraction`` keeps high-level energies on a subset."""
+
+    name: str
+    overrides: tuple[str, ...]
+    description: str
+
+
+def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
+    """The arms of the seed paper's comparison plus one per coupling option of issue 8."""
+    lo, hi = f"fidelities.{low}", f"fidelities.{high}"
+    w_f = recipe.fidelities[low].forces_weight or 10.0
+    off_low = (f"{lo}.energy_weight=0", f"{lo}.forces_weight=0", f"{hi}.base=null", f"{hi}.coupling=independent")
+    no_prior = (f"{hi}.base_forces_weight=0", f"{hi}.coupling_strength=0")
+    arms = [
+        Arm("zero-shot", ("training.epochs=0",), "foundation with per-fidelity E0 refit only"),
+        Arm("sf-high-e", (*off_low, *no_prior, f"{hi}.forces_weight=0"), f"{high} energies only"),
+        Arm("sf-high-ef", (*off_low, *no_prior, f"{hi}.forces_weight={w_f}"), f"{high} energies + forces (oracle)"),
+        Arm(
+            "sf-low",
+            (f"{hi}.energy_weight=0", f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=delta", *no_prior),
+            f"{low} energies + forces only, scored against {high}",
+        ),
+        Arm("mf", (), "the recipe as written"),
+        Arm(
+            "mf-independent",
+            (f"{hi}.forces_weight=0", f"{hi}.base=null", f"{hi}.coupling=independent", *no_prior),
+            "independent heads (mace-torch multi-head fine-tuning)",
+        ),
+        Arm(
+            "mf-delta",
+            (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=delta", *no_prior),
+            f"{high} = {low} head + correction",
+        ),
+        Arm(
+            "mf-tied",
+            (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=tied", f"{hi}.coupling_strength=1.0"),
+            f"{high} readout tied to {low}'s (L2 1.0)",
+        ),
+        Arm(
+            "mf-prior",
+            (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=independent", f"{hi}.base_forces_weight=1.0"),
+            f"independent heads + {low} forces as a prior on {high} (weight 1)",
+        ),
+    ]
+    return {a.name: a for a in arms}
+
+
+def _fraction_tag(fraction: float) -> str:
+    return "" if fraction >= 1.0 else f"frac{fraction:g}"
+
+
+def run_dir(out: Path, arm: str, seed: int, fraction: float) -> Path:
+    path = out / arm / f"seed{seed}"
+    tag = _fraction_tag(fraction)
+    return path / tag if tag else path
+
+
+def is_complete(path: Path) -> bool:
+    try:
+        return json.loads((path / "run.json").read_text()).get("status") == "complete"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, out: Path, common: list[str]) -> Path:
+    """Train one arm (unless already complete) and return its run folder."""
+    from mace_mf.run import train_run
+
+    path = run_dir(out, arm.name, seed, fraction)
+    if is_complete(path):
+        log.info("%s: complete, not rerun", path)
+        return path
+    overrides = [*common, *arm.overrides, f"seed={seed}"]
+    if fraction < 1.0:
+        overrides.append(f"fidelities.{high}.label_fraction={fraction}")
+    recipe = load_recipe(recipe_file, overrides)
+    recipe = recipe.model_copy(
+        update={"export": recipe.export.model_copy(update={"multihead": False, "torchscript": False})}
+    )
+    log.info("%s: training (%s)", path, arm.description)
+    started = (path / "run.json").is_file() or (path / "checkpoints").is_dir()
+    train_run(recipe, path, recipe_file, resume=started, overwrite=False)
+    return path
+
+
+def _score(path: Path, high: str) -> dict[str, Any]:
+    metrics = json.loads((path / "metrics.json").read_text())
+    run = json.loads((path / "run.json").read_text())
+    entry: dict[str, Any] = {"wall_time_s": run.get("wall_time_s")}
+    for split in ("valid", "test"):
+        if split in metrics:
+            m = metrics[split][high]
+            entry[split] = {k: m[k] for k in ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A")}
+    return entry
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals)) if len(vals) > 1 else 0.0
+
+
+def summarise(scores: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Mean ± std per arm key, plus closure against sf-high-e / sf-high-ef where both exist."""
+    summary: dict[str, dict[str, Any]] = {}
+    for key, runs in scores.items():
+        row: dict[str, Any] = {"n": len(runs)}
+        row["wall_time_s"], _ = _mean_std([r["wall_time_s"] for r in runs])
+        for split in ("valid", "test"):
+            for metric in ("f_rmse_meV_A", "f_mae_meV_A", "e_rmse_meV_atom"):
+                mean, std = _mean_std([r.get(split, {}).get(metric) for r in runs])
+                row[f"{split}/{metric}"] = mean
+                row[f"{split}/{metric}_std"] = std
+        summary[key] = row
+    for split in ("valid", "test"):
+        lo = summary.get("sf-high-e", {}).get(f"{split}/f_rmse_meV_A")
+        hi = summary.get("sf-high-ef", {}).get(f"{split}/f_rmse_meV_A")
+        for row in summary.values():
+            value = row.get(f"{split}/f_rmse_meV_A")
+            ok = None not in (lo, hi, value) and not math.isclose(lo, hi)
+            row[f"{split}/closure"] = (lo - value) / (lo - hi) if ok else None
+    return summary
+
+
+def _fmt(mean: float | None, std: float | None = None, digits: int = 0) -> str:
+    if mean is None:
+        return "–"
+    text = f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std else "")
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], high: str, arms: dict[str, Arm]) -> str:
+    """The results table: test figures (valid closure alongside), one row per arm and fraction."""
+    lines = [
+        f"| arm | n | {high} F RMSE test (meV/Å) | {high} F MAE test | {high} E RMSE test (meV/atom) | "
+        "closure test | closure valid | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key, row in summary.items():
+        name = key.split("@")[0]
+        label = f"`{key}`" + (f" ({arms[name].description})" if name in arms else "")
+        lines.append(
+            f"| {label} | {row['n']} | {_fmt(row['test/f_rmse_meV_A'], row['test/f_rmse_meV_A_std'])} | "
+            f"{_fmt(row['test/f_mae_meV_A'], row['test/f_mae_meV_A_std'])} | "
+            f"{_fmt(row['test/e_rmse_meV_atom'], row['test/e_rmse_meV_atom_std'], 1)} | "
+            f"{_fmt(row['test/closure'], digits=2)} | {_fmt(row['valid/closure'], digits=2)} | "
+            f"{_fmt(row['wall_time_s'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def verdict(summary: dict[str, dict[str, Any]], mf_arm: str) -> str:
+    """One line: does multi-fidelity pay on the validation split of this data?"""
+    mf, eo = summary.get(mf_arm, {}), summary.get("sf-high-e", {})
+    f_mf, f_eo = mf.get("valid/f_rmse_meV_A"), eo.get("valid/f_rmse_meV_A")
+    if f_mf is None or f_eo is None:
+        e_mf, e_eo = mf.get("valid/e_rmse_meV_atom"), eo.get("valid/e_rmse_meV_atom")
+        if e_mf is None or e_eo is None:
+            return "no verdict: run the energy-only and multi-fidelity arms first"
+        return (
+            f"validation has no high-level forces, so force accuracy cannot be judged; energy RMSE "
+            f"{e_mf:.1f} ({mf_arm}) vs {e_eo:.1f} meV/atom (energies only)"
+        )
+    closure = mf.get("valid/closure")
+    tail = f", closure {closure:.2f}" if closure is not None else ""
+    if f_mf < f_eo:
+        return f"multi-fidelity pays: valid F RMSE {f_mf:.0f} ({mf_arm}) vs {f_eo:.0f} meV/Å (energies only){tail}"
+    return (
+        f"multi-fidelity does NOT pay on this data: valid F RMSE {f_mf:.0f} ({mf_arm}) vs {f_eo:.0f} meV/Å "
+        f"(energies only){tail}; train on the high-level energies alone"
+    )
+
+
+def learning_curve_plot(summary: dict[str, dict[str, Any]], arms: list[str], high: str, path: Path) -> None:
+    """Test force RMSE against the fraction of high-level energies kept, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for arm in arms:
+        points = []
+        for key, row in summary.items():
+            name, _, frac = key.partition("@")
+            if name == arm and row["test/f_rmse_meV_A"] is not None:
+                points.append((float(frac) if frac else 1.0, row["test/f_rmse_meV_A"], row["test/f_rmse_meV_A_std"]))
+        if points:
+            points.sort()
+            x, y, err = zip(*points, strict=True)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"fraction of training geometries with {high} energies")
+    ax.set_ylabel(f"{high} test force RMSE (meV/Å)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=150)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_benchmark(
+    recipe_file: Path,
+    out: Path,
+    arm_names: list[str],
+    seeds: list[int],
+    fractions: list[float],
+    fraction_arms: list[str],
+    common: list[str],
+    low: str | None = None,
+    high: str | None = None,
+) -> dict[str, Any]:
+    """Run every (arm, seed[, fraction]) not yet complete; write results.json and results.md."""
+    base = load_recipe(recipe_file, common)
+    high = high or base.target
+    others = [f for f in base.fidelities if f != high]
+    low = low or (others[0] if others else None)
+    if low is None or low not in base.fidelities or high not in base.fidelities:
+        raise RecipeError(f"{recipe_file}: the benchmark needs a low and a high fidelity; pass --low/--high")
+    arms = standard_arms(base, low, high)
+    unknown = [a for a in [*arm_names, *fraction_arms] if a not in arms]
+    if unknown:
+        raise RecipeError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
+    jobs = [(arms[a], s, 1.0) for a in arm_names for s in seeds]
+    jobs += [(arms[a], s, f) for f in fractions if f < 1.0 for a in fraction_arms for s in seeds]
+    scores: dict[str, list[dict[str, Any]]] = {}
+    for arm, seed, fraction in jobs:
+        path = run_arm(recipe_file, arm, seed, fraction, high, out, common)
+        key = arm.name if fraction >= 1.0 else f"{arm.name}@{fraction:g}"
+        scores.setdefault(key, []).append({"seed": seed, **_score(path, high)})
+    summary = summarise(scores)
+    mf_arm = next((a for a in ("mf", *arm_names) if a in summary and a.startswith("mf")), "mf")
+    result = {
+        "recipe": str(recipe_file),
+        "low": low,
+        "high": high,
+        "common_overrides": common,
+        "arms": {a.name: {"overrides": list(a.overrides), "description": a.description} for a in arms.values()},
+        "runs": scores,
+        "summary": summary,
+        "verdict": verdict(summary, mf_arm),
+    }
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "results.md", markdown_table(summary, high, arms) + "\n" + result["verdict"] + "\n")
+    if any(f < 1.0 for f in fractions):
+        learning_curve_plot(summary, fraction_arms, high, out / "learning_curve.png")
+    return result

@@ -1,0 +1,65 @@
+"""The seed paper's comparison on PM6/DFT pyseqm_chno (issue 3), through `mace-mf bench`.
+
+    python scripts/benchmark_fidelity.py                 # full: 3 seeds, learning curve 5/20/100 %
+    python scripts/benchmark_fidelity.py --quick         # 300 training geometries, 3 epochs, 1 seed
+    python scripts/benchmark_fidelity.py --arms sf-high-e,mf-delta --seeds 0 --out runs/bench-x
+
+Every arm is `recipes/pyseqm_mf.yaml` plus `--set` overrides (see `mace_mf/bench.py`); finished
+runs in --out are never rerun, so the script resumes where it stopped. Results: <out>/results.json,
+<out>/results.md, <out>/learning_curve.png. Needs ../shared (the data and the SPICE foundation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_ARMS = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf-independent,mf-delta,mf-tied,mf-prior,mf"
+QUICK = ["data.max_train=300", "training.epochs=3"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "pyseqm_mf.yaml")
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/benchmark-fidelity[-quick]")
+    parser.add_argument("--quick", action="store_true", help="300 training geometries, 3 epochs, seed 0")
+    parser.add_argument("--arms", default=None, help=f"comma-separated (default: {FULL_ARMS})")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default: 0,1,2; quick: 0)")
+    parser.add_argument("--fractions", default=None, help="DFT-energy fractions (default: 0.05,0.2,1; quick: 1)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
+    args = parser.parse_args()
+    shared = ROOT.parent / "shared" / "data" / "pyseqm_chno"
+    if args.recipe == parser.get_default("recipe") and not shared.is_dir():
+        print(f"error: {shared} not found; this benchmark needs the pyseqm_chno data in ../shared", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    from mace_mf.bench import run_benchmark
+    from mace_mf.errors import UserError
+
+    out = args.out or ROOT / "runs" / ("benchmark-fidelity-quick" if args.quick else "benchmark-fidelity")
+    seeds = args.seeds or ("0" if args.quick else "0,1,2")
+    fractions = args.fractions or ("1" if args.quick else "0.05,0.2,1")
+    common = (QUICK if args.quick else []) + ["num_threads=1", *args.overrides]
+    try:
+        result = run_benchmark(
+            args.recipe,
+            out,
+            (args.arms or FULL_ARMS).split(","),
+            [int(s) for s in seeds.split(",")],
+            [float(f) for f in fractions.split(",")],
+            ["sf-high-e", "mf"],
+            common,
+        )
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print((out / "results.md").read_text())
+    print(result["verdict"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The benchmark arms and coupled heads end to end, on the tiny foundation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support import write_recipe
+from test_run import stock_eval
+
+from mace_mf.bench import run_benchmark
+from mace_mf.recipe import load_recipe
+from mace_mf.run import train_run
+
+
+def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_file, two_fidelity_files):
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=1)
+    out = tmp_path / "bench"
+    args = (recipe, out, ["sf-high-e", "sf-high-ef", "mf-delta"], [0], [1.0, 0.5], ["mf-delta"], [])
+    result = run_benchmark(*args)
+    summary = result["summary"]
+    assert set(summary) == {"sf-high-e", "sf-high-ef", "mf-delta", "mf-delta@0.5"}
+    assert summary["sf-high-e"]["valid/closure"] == pytest.approx(0.0)
+    assert summary["sf-high-ef"]["valid/closure"] == pytest.approx(1.0)
+    eo, oracle, delta = (summary[k]["test/f_rmse_meV_A"] for k in ("sf-high-e", "sf-high-ef", "mf-delta"))
+    assert summary["mf-delta"]["test/closure"] == pytest.approx((eo - delta) / (eo - oracle))
+    # the oracle trained on hi forces; the energy-only arm did not (its resolved recipe says so)
+    resolved = load_recipe(out / "sf-high-e" / "seed0" / "recipe.resolved.yaml")
+    assert resolved.fidelities["hi"].forces_weight == 0 and resolved.fidelities["lo"].forces_weight == 0
+    assert load_recipe(out / "sf-high-ef" / "seed0" / "recipe.resolved.yaml").fidelities["hi"].forces_weight > 0
+    frac = load_recipe(out / "mf-delta" / "seed0" / "frac0.5" / "recipe.resolved.yaml")
+    assert frac.fidelities["hi"].label_fraction == 0.5 and frac.fidelities["hi"].coupling == "delta"
+    assert "multi-fidelity" in result["verdict"]
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
+    assert len(stamps) == 4
+    again = run_benchmark(*args)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("run.json")} == stamps
+    assert again["summary"] == summary
+    assert (out / "results.md").read_text().startswith("| arm |")
+    assert (out / "learning_curve.png").stat().st_size > 0
+
+
+def test_delta_run_exports_files_that_reproduce_its_metrics(tmp_path, tiny_model_file, two_fidelity_files):
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=1)
+    recipe = load_recipe(recipe_file, ["fidelities.hi.base=lo", "fidelities.hi.coupling=delta"])
+    run = train_run(recipe, tmp_path / "run", recipe_file)
+    metrics = json.loads((run / "metrics.json").read_text())["test"]
+    test = two_fidelity_files["test"]
+    single, multi = stock_eval(
+        (run / "models" / "hi.model", test, "hi", {}),
+        (run / "models" / "multihead.model", test, "hi", {"head": "hi"}),
+    )
+    for result in (single, multi):
+        assert result["f_rmse"] == pytest.approx(metrics["hi"]["f_rmse_meV_A"], rel=1e-6)
+        assert result["e_rmse"] == pytest.approx(metrics["hi"]["e_rmse_meV_atom"], rel=1e-6)
