@@ -105,7 +105,7 @@ def sweep(
     try:
         result = run_sweep(recipe_file, sweep_file, list(set_ or []), out, count, seed, wandb)
     except KeyboardInterrupt:
-        err.print("sweep interrupted; run the same command with --out <sweep folder> to continue it")
+        err.print("sweep interrupted; run the same command with --out <sweep folder> to continue it", soft_wrap=True)
         raise typer.Exit(130) from None
     header, rows = table_rows(result.trials, result.sweep)
     table = Table(*header, title=f"{result.sweep.method} sweep, ranked by {result.sweep.metric} ({result.sweep.goal})")
@@ -113,8 +113,8 @@ def sweep(
         table.add_row(*row)
     Console().print(table)
     if result.stopped:
-        err.print(f"sweep stopped early; run the same command with --out {result.folder} to continue it")
-    err.print(f"[green]done[/green]: {result.folder}/trials.md")
+        err.print(f"sweep stopped early; continue it with the same command and --out {result.folder}", soft_wrap=True)
+    err.print(f"[green]done[/green]: {result.folder}/trials.md", soft_wrap=True)
 
 
 @app.command("eval")
