@@ -380,7 +380,10 @@ def table_rows(trials: list[dict[str, Any]], sweep: Sweep) -> tuple[list[str], l
 
 
 def _fmt(value: Any) -> str:
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
+    """A parameter value as a recipe would spell it (``0.002``, ``true``, ``null``, ``{"H": -13.6}``)."""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def write_table(run: SweepRun) -> list[dict[str, Any]]:
@@ -396,8 +399,12 @@ def write_table(run: SweepRun) -> list[dict[str, Any]]:
     }
     atomic_write_text(run.out / "trials.json", json.dumps(summary, indent=2))
     header, rows = table_rows(trials, run.sweep)
+    varied = [n for n, spec in run.sweep.parameters.items() if spec["distribution"] != "constant"]
+    pinned = [f"`{n}={_fmt(spec['value'])}`" for n, spec in run.sweep.parameters.items() if n not in varied]
     lines = [
-        f"# Sweep `{run.group}`: {run.sweep.method} over {', '.join(run.sweep.parameters)}",
+        f"# Sweep `{run.group}`: {run.sweep.method} over {', '.join(varied) or 'nothing'}",
+        "",
+        *([f"Every trial: {', '.join(pinned)}."] if pinned else []),
         "",
         f"Ranked by `{run.sweep.metric}` ({run.sweep.goal}); trial folders under `trials/`.",
         "",
