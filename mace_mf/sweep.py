@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -507,8 +508,6 @@ def run_sweep(
 
 def _run_online(run: SweepRun, base: Recipe, count: int | None) -> list[dict[str, Any]]:
     """W&B runs the search; each trial the agent hands out trains in ``trials/trial-<run id>``."""
-    import os
-
     import wandb
 
     project = run.sweep.raw.get("project") or base.wandb.project
@@ -519,10 +518,18 @@ def _run_online(run: SweepRun, base: Recipe, count: int | None) -> list[dict[str
         run.out / STATE_FILE, json.dumps({"sweep": run.sweep.raw, "sweep_id": sweep_id, "group": run.group}, indent=2)
     )
 
-    def trial() -> None:
-        params = agent_parameters(os.environ[wandb.env.SWEEP_PARAM_PATH])
-        run.run_trial(f"trial-{os.environ[wandb.env.RUN_ID]}", params)
-        write_table(run)
-
-    wandb.agent(sweep_id, function=trial, entity=entity, project=project, count=count or run.sweep.run_cap)
+    wandb.agent(
+        sweep_id, function=lambda: agent_trial(run), entity=entity, project=project, count=count or run.sweep.run_cap
+    )
     return write_table(run)
+
+
+def agent_trial(run: SweepRun) -> dict[str, Any]:
+    """One trial handed out by ``wandb.agent``: it names the run id (``WANDB_RUN_ID``, which
+    ``wandb.init`` then adopts) and the parameters file (``WANDB_SWEEP_PARAM_PATH``)."""
+    import wandb
+
+    params = agent_parameters(os.environ[wandb.env.SWEEP_PARAM_PATH])
+    record = run.run_trial(f"trial-{os.environ[wandb.env.RUN_ID]}", params)
+    write_table(run)
+    return record

@@ -15,7 +15,7 @@ from wandb_records import read_records
 from mace_mf.cli import main
 from mace_mf.errors import RecipeError
 from mace_mf.recipe import load_recipe
-from mace_mf.sweep import agent_parameters, load_sweep, plan, ranked, run_sweep
+from mace_mf.sweep import SweepRun, agent_trial, load_sweep, plan, ranked, run_sweep
 
 
 def sweep_file(path, text):
@@ -102,14 +102,6 @@ def test_shipped_sweeps_fit_their_recipes():
     assert len(trials) == 4 and len({(t["training.lr"], t["fidelities.xtb.forces_weight"]) for t in trials}) == 4
     pyseqm = load_sweep(ROOT / "recipes" / "sweep_pyseqm.yaml", load_recipe(ROOT / "recipes" / "pyseqm_mf.yaml"))
     assert len(plan(pyseqm, None, 0)) == 9 and pyseqm.metric == "valid/dft/f_rmse_meV_A"
-
-
-def test_agent_parameters_read_the_file_wandb_agents_write(tmp_path):
-    from wandb.sdk.lib import config_util
-
-    path = tmp_path / "config-abc.yaml"
-    config_util.save_config_file_from_dict(str(path), {"training.lr": {"value": 0.002}, "seed": {"value": 3}})
-    assert agent_parameters(path) == {"training.lr": 0.002, "seed": 3}
 
 
 def test_ranking_follows_the_goal_and_puts_failures_last(tmp_path, tiny_recipe):
@@ -216,3 +208,23 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_recipe
     assert "| failed |" in (tmp_path / "sweep" / "trials.md").read_text()
     resolved = yaml.safe_load((tmp_path / "sweep" / "trials" / "trial-001" / "recipe.resolved.yaml").read_text())
     assert resolved["fidelities"]["hi"]["e0s"] == "foundation" and resolved["export"]["multihead"] is False
+
+
+def test_a_trial_from_the_wandb_agent_takes_its_run_id_and_parameters(tmp_path, tiny_recipe, wandb_env, monkeypatch):
+    """What ``wandb.agent`` hands a trial (run id and parameter file in the environment), offline."""
+    from wandb.sdk.lib import config_util
+
+    params = tmp_path / "config-agent.yaml"
+    config_util.save_config_file_from_dict(str(params), {"training.lr": {"value": 0.003}})
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
+    sweep = load_sweep(sweep_file(tmp_path / "s.yaml", GRID), load_recipe(tiny_recipe))
+    run = SweepRun(sweep, tiny_recipe, [*CHEAP, "training.epochs=0"], tmp_path / "sweep", "offline", "g")
+    record = agent_trial(run)
+    assert record["status"] == "complete" and record["wandb_id"] == "agentrun1"
+    assert record["params"] == {"training.lr": 0.003}
+    (run_file,) = wandb_env.glob("wandb/offline-run-*-agentrun1/run-agentrun1.wandb")
+    (run_record,) = [r.run for r in read_records(run_file) if r.WhichOneof("record_type") == "run"]
+    config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+    assert config["training"]["lr"] == 0.003 and run_record.run_group == "g"
+    assert json.loads((tmp_path / "sweep" / "trials.json").read_text())["trials"][0]["trial"] == "trial-agentrun1"
