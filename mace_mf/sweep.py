@@ -41,7 +41,7 @@ import yaml
 from mace_mf.errors import RecipeError, RunError, UserError
 from mace_mf.files import atomic_write_text
 from mace_mf.recipe import Recipe, dotted_key_problem, load_recipe, parse_override
-from mace_mf.tracking import flatten_epoch, flatten_final, metric_names
+from mace_mf.tracking import effective_mode, flatten_epoch, flatten_final, metric_names
 
 log = logging.getLogger(__name__)
 
@@ -463,18 +463,15 @@ def run_sweep(
     mode: str | None = None,
 ) -> SweepResult:
     """Run (or continue) a sweep into ``out`` (an existing sweep folder continues)."""
-    from mace_mf.tracking import effective_mode
-
     if count is not None and count < 1:
         raise RunError(f"--count {count}: give at least 1 trial")
-    base = load_recipe(recipe_file, overrides)
+    base = load_recipe(recipe_file, overrides, {"wandb.mode": mode} if mode else None)  # checks --wandb too
     sweep = load_sweep(sweep_file, base)
     set_keys = {parse_override(o)[0] for o in overrides}
     clash = sorted(set_keys & set(sweep.parameters))
     if clash:
         raise RecipeError(f"--set {clash[0]}: also a parameter of {sweep_file}; drop one of them")
-    asked = mode or base.wandb.mode
-    actual, reason = effective_mode(asked)
+    actual, reason = effective_mode(base.wandb.mode)
     if sweep.method == "bayes" and actual != "online":
         plan(sweep, count, seed)  # raises the one-line bayes error
     out = out or default_out(base, sweep)
@@ -512,11 +509,17 @@ def _run_online(run: SweepRun, base: Recipe, count: int | None) -> list[dict[str
 
     project = run.sweep.raw.get("project") or base.wandb.project
     entity = run.sweep.raw.get("entity") or base.wandb.entity
-    config = {k: v for k, v in run.sweep.raw.items() if k not in ("program", "command")}
-    sweep_id = wandb.sweep(config, entity=entity, project=project)
-    atomic_write_text(
-        run.out / STATE_FILE, json.dumps({"sweep": run.sweep.raw, "sweep_id": sweep_id, "group": run.group}, indent=2)
-    )
+    path = run.out / STATE_FILE
+    earlier = json.loads(path.read_text()) if path.is_file() else None
+    if earlier is not None and (earlier.get("sweep") != run.sweep.raw or "sweep_id" not in earlier):
+        raise RunError(f"{run.out}: holds a different or an offline sweep; choose another --out for this online one")
+    if earlier is not None:  # the same command again: more agents on the same W&B sweep
+        sweep_id, run.group = earlier["sweep_id"], earlier["group"]
+    else:
+        config = {k: v for k, v in run.sweep.raw.items() if k not in ("program", "command")}
+        sweep_id = wandb.sweep(config, entity=entity, project=project)
+        state = {"sweep": run.sweep.raw, "sweep_id": sweep_id, "group": run.group}
+        atomic_write_text(path, json.dumps(state, indent=2))
 
     wandb.agent(
         sweep_id, function=lambda: agent_trial(run), entity=entity, project=project, count=count or run.sweep.run_cap
