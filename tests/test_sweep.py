@@ -90,6 +90,8 @@ def test_bayes_offline_and_set_clash_are_one_line_errors(tmp_path, tiny_recipe, 
     bayes = sweep_file(tmp_path / "b.yaml", GRID.replace("method: grid", "method: bayes"))
     assert main(["sweep", str(tiny_recipe), str(bayes), "--wandb", "disabled", "--out", str(tmp_path / "b")]) == 2
     assert "method bayes needs the W&B server" in capsys.readouterr().err
+    assert main(["sweep", str(tiny_recipe), str(bayes), "--wandb", "sometimes", "--out", str(tmp_path / "b")]) == 2
+    assert "wandb.mode: Input should be 'online', 'offline' or 'disabled'" in capsys.readouterr().err
     grid = sweep_file(tmp_path / "g.yaml", GRID)
     with pytest.raises(RecipeError, match=r"--set training\.lr: also a parameter"):
         run_sweep(tiny_recipe, grid, ["training.lr=0.1"], tmp_path / "g", mode="disabled")
