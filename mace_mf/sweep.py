@@ -14,9 +14,9 @@ resumes from its checkpoint next time). Running the same command on the same fol
 the sweep: trials that completed or failed are kept, not rerun. After each trial the ranked table
 ``trials.json`` / ``trials.md`` is rewritten (atomically), ranked by the sweep metric and its goal.
 
-The metric of a trial is the one W&B would rank by: for a per-epoch name (``valid/dft/f_rmse_meV_A``)
-its best value over the epochs (min or max, as the goal says); for a ``final/<split>/...`` name its
-final value.
+The metric of a trial, for a per-epoch name (``valid/dft/f_rmse_meV_A``), is its best value over the
+epochs (min or max, as the goal says: a trial is judged by its best epoch, whose weights it exports,
+not by its last); for a ``final/<split>/...`` name it is the final value.
 """
 
 from __future__ import annotations
