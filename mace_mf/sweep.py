@@ -15,8 +15,8 @@ the sweep: trials that completed or failed are kept, not rerun. After each trial
 ``trials.json`` / ``trials.md`` is rewritten (atomically), ranked by the sweep metric and its goal.
 
 The metric of a trial, for a per-epoch name (``valid/dft/f_rmse_meV_A``), is its best value over the
-epochs (min or max, as the goal says: a trial is judged by its best epoch, whose weights it exports,
-not by its last); for a ``final/<split>/...`` name it is the final value.
+epochs (min or max, as the goal says: a trial is judged by its best epoch, not by its last); for a
+``final/<split>/...`` name it is the final value (of the exported, best-checkpoint weights).
 """
 
 from __future__ import annotations
