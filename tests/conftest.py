@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,11 +39,16 @@ def two_fidelity_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
 
 
 @pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """W&B kept offline and inside ``tmp_path``: no key, no network, nothing in the home folder.
 
-    Returns ``WANDB_DIR``; offline runs land in ``<WANDB_DIR>/wandb/offline-run-*``.
+    Yields ``WANDB_DIR``; offline runs land in ``<WANDB_DIR>/wandb/offline-run-*``. wandb reads the
+    environment once per process setup, so the setup is torn down before and after (as W&B's agent
+    does between trials).
     """
+    import wandb
+
+    wandb.teardown()
     folders = {}
     for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
         folders[var] = tmp_path / var.lower()
@@ -52,4 +58,5 @@ def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return folders["WANDB_DIR"]
+    yield folders["WANDB_DIR"]
+    wandb.teardown()

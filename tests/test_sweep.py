@@ -214,12 +214,14 @@ def test_a_failing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_recipe
 
 def test_a_trial_from_the_wandb_agent_takes_its_run_id_and_parameters(tmp_path, tiny_recipe, wandb_env, monkeypatch):
     """What ``wandb.agent`` hands a trial (run id and parameter file in the environment), offline."""
+    import wandb
     from wandb.sdk.lib import config_util
 
     params = tmp_path / "config-agent.yaml"
     config_util.save_config_file_from_dict(str(params), {"training.lr": {"value": 0.003}})
     monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun1")
+    wandb.teardown()  # as the agent does after setting the environment, so that wandb.init reads it
     sweep = load_sweep(sweep_file(tmp_path / "s.yaml", GRID), load_recipe(tiny_recipe))
     run = SweepRun(sweep, tiny_recipe, [*CHEAP, "training.epochs=0"], tmp_path / "sweep", "offline", "g")
     record = agent_trial(run)
