@@ -85,6 +85,38 @@ def metrics_rich_table(metrics: dict) -> Table:
     return table
 
 
+@app.command()
+def sweep(
+    recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file every trial starts from.")],
+    sweep_file: Annotated[
+        Path, typer.Argument(metavar="SWEEP", help="W&B sweep YAML; parameter names are dotted recipe keys.")
+    ],
+    count: Annotated[int | None, typer.Option(help="Number of trials (default: the whole grid, or run_cap).")] = None,
+    set_: SetOption = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Sweep folder (default runs/<name>-<timestamp>); an existing one continues.")
+    ] = None,
+    wandb: Annotated[str | None, typer.Option(help="W&B mode: online, offline or disabled.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the local random search.")] = 0,
+) -> None:
+    """Run a hyperparameter sweep: W&B's agent online, local grid/random search offline; rank the trials."""
+    from mace_mf.sweep import run_sweep, table_rows
+
+    try:
+        result = run_sweep(recipe_file, sweep_file, list(set_ or []), out, count, seed, wandb)
+    except KeyboardInterrupt:
+        err.print("sweep interrupted; run the same command with --out <sweep folder> to continue it", soft_wrap=True)
+        raise typer.Exit(130) from None
+    header, rows = table_rows(result.trials, result.sweep)
+    table = Table(*header, title=f"{result.sweep.method} sweep, ranked by {result.sweep.metric} ({result.sweep.goal})")
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if result.stopped:
+        err.print(f"sweep stopped early; continue it with the same command and --out {result.folder}", soft_wrap=True)
+    err.print(f"[green]done[/green]: {result.folder}/trials.md", soft_wrap=True)
+
+
 @app.command("eval")
 def evaluate(
     model_or_run: Annotated[Path, typer.Argument(metavar="MODEL_OR_RUN", help="A .model file or a run folder.")],

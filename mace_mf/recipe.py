@@ -407,6 +407,37 @@ def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def dotted_key_problem(recipe: Recipe, dotted: str) -> str | None:
+    """Why ``dotted`` names no value of ``recipe`` (None when it does): what sweeps check before
+    running a single trial, with the same did-you-mean hints as recipe files."""
+    model: type[BaseModel] | None = Recipe
+    parts = dotted.split(".")
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if model is None:
+            return f"{'.'.join(parts[:i])!r} is a value, not a section"
+        if model is Recipe and part == "fidelities":
+            if i + 1 >= len(parts) or parts[i + 1] not in recipe.fidelities:
+                return f"{dotted!r}: give a declared fidelity after `fidelities.` ({', '.join(recipe.fidelities)})"
+            model, i = FidelitySpec, i + 2
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return f"unknown key {dotted!r}{_suggest(tuple(parts[: i + 1]))}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif str(annotation).startswith("dict[") and i + 2 == len(parts):
+            return None  # one entry of a mapping such as training.lr_factors.readouts
+        else:
+            model = None
+        i += 1
+    if model is not None:
+        return f"{dotted!r} is a section; name one of its keys ({', '.join(model.model_fields)})"
+    return None
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """Split ``dotted.key=value``; the value is parsed as YAML (numbers, lists, null...)."""
     if "=" not in text:
@@ -436,8 +467,12 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override (``--set``), validate and path-resolve a recipe file."""
+def load_recipe(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), values: dict[str, Any] | None = None
+) -> Recipe:
+    """Read, override (``--set`` texts, then already parsed ``values`` by dotted key), validate and
+    path-resolve a recipe file. Sweeps pass their parameters as ``values`` so that a number stays the
+    number the sweep file gave (``1e-3`` read back as YAML text would be a string)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -458,6 +493,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
     for override in overrides:
         key, value = parse_override(override)
+        set_dotted(tree, key, value)
+    for key, value in (values or {}).items():
         set_dotted(tree, key, value)
     return recipe_from_dict(tree, source=str(path), base=path.resolve().parent)
 

@@ -203,6 +203,21 @@ def evaluate_all(
     return metrics
 
 
+def model_metadata(recipe: Recipe, info: FoundationInfo, best_epoch: int) -> dict[str, Any]:
+    """What a user of the exported files needs to know without opening them."""
+    return {
+        "fidelities": list(recipe.fidelities),
+        "exported": recipe.export_fidelities,
+        "target": recipe.target,
+        "elements": info.elements,
+        "r_max": info.r_max,
+        "foundation": info.source,
+        "foundation_head": info.head,
+        "dtype": recipe.dtype,
+        "best_epoch": best_epoch,
+    }
+
+
 def train_run(
     recipe: Recipe, out: Path, recipe_file: Path | None = None, resume: bool = False, overwrite: bool = False
 ) -> Path:
@@ -294,7 +309,7 @@ def _train_run(
         )
         wall = time.perf_counter() - started
         write_report(out, recipe, info, splits, metrics, zero_shot, history, e0s, files, wall)
-        tracker.log_final(metrics, files)
+        tracker.log_final(out, metrics, files, model_metadata(recipe, info, history.best_epoch))
     except BaseException:
         run_record["status"] = "failed"
         atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2))

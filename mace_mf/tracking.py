@@ -1,20 +1,41 @@
 """Experiment tracking: Weights & Biases when enabled, a null tracker otherwise.
 
-The rest of the code talks to a :class:`Tracker`; nothing else imports wandb. Metric names follow
-one scheme: ``train/loss``, ``train/<fidelity>/e_mse``, ``valid/<fidelity>/f_rmse_meV_A``,
-``lr/<block>``, with ``epoch`` as the x axis.
+The rest of the code talks to a :class:`Tracker`; nothing else imports wandb for runs (sweeps
+import it in ``sweep.py``). Metric names follow one scheme, defined here and nowhere else so that
+sweeps rank trials by exactly the names W&B shows:
+
+- per epoch (x axis ``epoch``): ``train/loss``, ``train/<fidelity>/e_mse`` and ``f_mse`` (unweighted
+  terms, eV²/atom² and eV²/Å²), ``valid/loss`` (the target's weighted validation loss),
+  ``valid/<fidelity>/{e,f}_{rmse,mae}_…`` (meV/atom, meV/Å), ``lr/<parameter group>``,
+  ``epoch_time_s``, ``configs_per_s``;
+- at the end (summary): ``final/<split>/<fidelity>/<metric>``, the table ``final/metrics``, images
+  ``plots/<plot name>``, and the exported models as a ``model`` artifact.
+
+A run that resumes passes the W&B id stored in ``run.json``, so the W&B run continues too. Online
+without an API key or without a reachable server falls back to offline and says, in one line, how
+to upload later.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+from mace_mf.evaluate import METRIC_KEYS
 from mace_mf.recipe import Recipe
 
 log = logging.getLogger(__name__)
+
+EPOCH_SCALARS = ("train/loss", "valid/loss", "epoch_time_s", "configs_per_s")
+TRAIN_TERMS = ("e_mse", "f_mse")
+VALID_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("n_"))
+LR_GROUPS = ("embedding", "interactions", "products", "readouts", "other")
+SPLITS = ("train", "valid", "test")
 
 
 def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
@@ -37,6 +58,28 @@ def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
+def flatten_final(metrics: dict[str, Any]) -> dict[str, float]:
+    """Final metrics (``metrics.json``) as ``final/<split>/<fidelity>/<metric>`` (None dropped)."""
+    return {
+        f"final/{split}/{fidelity}/{key}": value
+        for split, per_fidelity in metrics.items()
+        for fidelity, values in per_fidelity.items()
+        for key, value in values.items()
+        if value is not None
+    }
+
+
+def metric_names(recipe: Recipe) -> list[str]:
+    """Every scalar name a run of ``recipe`` can log (some may stay absent for lack of labels)."""
+    names = list(EPOCH_SCALARS)
+    for fidelity in recipe.fidelities:
+        names += [f"train/{fidelity}/{term}" for term in TRAIN_TERMS]
+        names += [f"valid/{fidelity}/{key}" for key in VALID_KEYS]
+    names += [f"lr/{group}" for group in LR_GROUPS]
+    names += [f"final/{split}/{f}/{key}" for split in SPLITS for f in recipe.fidelities for key in METRIC_KEYS]
+    return names
+
+
 class Tracker:
     """Does nothing: the interface the training run talks to."""
 
@@ -45,8 +88,8 @@ class Tracker:
     def log_epoch(self, record: dict[str, Any]) -> None:
         """Per-epoch metrics."""
 
-    def log_final(self, metrics: dict[str, Any], files: list[Path]) -> None:
-        """Final test metrics and produced files."""
+    def log_final(self, out: Path, metrics: dict[str, Any], files: list[Path], metadata: dict[str, Any]) -> None:
+        """Final metrics, plots, report and exported models (``files``) of the run folder ``out``."""
 
     def finish(self, failed: bool = False) -> None:
         """Close the run."""
@@ -59,10 +102,7 @@ class WandbTracker(Tracker):
         import wandb
 
         spec = recipe.wandb
-        mode = spec.mode
-        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
-            log.warning("wandb: no API key found; logging offline. Upload later with `wandb sync %s/wandb`", out)
-            mode = "offline"
+        mode, reason = effective_mode(spec.mode)
         self._wandb = wandb
         self.run = wandb.init(
             project=spec.project,
@@ -77,35 +117,100 @@ class WandbTracker(Tracker):
             resume="allow" if resume_id else None,
         )
         self.run_id = self.run.id
+        self.offline = mode == "offline"
+        if reason is not None:
+            log.warning("wandb: %s; logging offline. Upload later with `wandb sync %s`", reason, self.sync_glob)
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")
         target = recipe.target
+        self.run.define_metric("valid/loss", summary="min")
         self.run.define_metric(f"valid/{target}/f_rmse_meV_A", summary="min")
         self.run.define_metric(f"valid/{target}/e_rmse_meV_atom", summary="min")
         if recipe_file is not None:
             self.run.save(str(recipe_file), base_path=str(recipe_file.parent), policy="now")
 
+    @property
+    def sync_glob(self) -> str:
+        """The run's offline folders, the first one and any resumed parts: what `wandb sync` takes."""
+        return str(Path(self.run.dir).parent.parent / f"offline-run-*-{self.run.id}")
+
     def log_epoch(self, record: dict[str, Any]) -> None:
         self.run.log(flatten_epoch(record))
 
-    def log_final(self, metrics: dict[str, Any], files: list[Path]) -> None:
-        self.run.summary.update(
-            {
-                f"final/{split}/{fidelity}/{key}": value
-                for split, per_fidelity in metrics.items()
-                for fidelity, values in per_fidelity.items()
-                for key, value in values.items()
-                if value is not None
-            }
-        )
+    def log_final(self, out: Path, metrics: dict[str, Any], files: list[Path], metadata: dict[str, Any]) -> None:
+        wandb = self._wandb
+        self.run.summary.update(flatten_final(metrics))
+        columns = ["split", "fidelity", *METRIC_KEYS]
+        rows = [
+            [split, fidelity, *(values[k] for k in METRIC_KEYS)]
+            for split, per_fidelity in metrics.items()
+            for fidelity, values in per_fidelity.items()
+        ]
+        media: dict[str, Any] = {"final/metrics": wandb.Table(columns=columns, data=rows)}
+        for plot in sorted((out / "plots").glob("*.png")):
+            media[f"plots/{plot.stem}"] = wandb.Image(str(plot), caption=plot.stem)
+        self.run.log(media)
+        for name in ("report.md", "metrics.json"):
+            if (out / name).is_file():
+                self.run.save(str(out / name), base_path=str(out), policy="now")
+        self.run.log_artifact(model_artifact(wandb, self.run.id, out, files, metadata), aliases=["best", "latest"])
 
     def finish(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
+        if self.offline:
+            log.info("wandb: offline run %s; upload with `wandb sync %s`", self.run.id, self.sync_glob)
+
+
+def model_artifact(wandb: Any, run_id: str, out: Path, files: list[Path], metadata: dict[str, Any]) -> Any:
+    """The exported models (best weights of the run) with what is needed to use them.
+
+    Named ``model-<run id>`` as W&B's own integrations do, so each run's models are one artifact
+    whose versions follow resumes. Files are added ``immutable``: the run folder's exported files
+    are final, so W&B references them instead of copying them to its staging area.
+    """
+    artifact = wandb.Artifact(
+        name=f"model-{run_id}",
+        type="model",
+        description="mace_mf fine-tuned models (best epoch); load with mace.calculators.MACECalculator",
+        metadata={**metadata, "mace_torch": version("mace-torch"), "mace_mf": version("mace-mf")},
+    )
+    extras = [out / "models" / "HEADS.txt", out / "recipe.resolved.yaml", out / "metrics.json", out / "report.md"]
+    for path in [*files, *extras]:
+        if path.is_file():
+            artifact.add_file(str(path), name=str(path.relative_to(out)), policy="immutable")
+    return artifact
+
+
+def effective_mode(mode: str) -> tuple[str, str | None]:
+    """The mode W&B can honour here, and why it differs from the one asked for (None if it does not)."""
+    if mode != "online":
+        return mode, None
+    if not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+        return "offline", "no API key found (set WANDB_API_KEY or run `wandb login`)"
+    host = _server_host()
+    if not _reachable(host):
+        return "offline", f"{host} is not reachable"
+    return "online", None
 
 
 def _has_netrc_key() -> bool:
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+    host = _server_host()
+    return netrc.is_file() and host in netrc.read_text(errors="ignore")
+
+
+def _server_host() -> str:
+    return urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    """A TCP connection to the W&B server within ``timeout`` (wandb itself would wait 90 s)."""
+    port = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).port or 443
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def make_tracker(recipe: Recipe, out: Path, recipe_file: Path | None, resume_id: str | None) -> Tracker:

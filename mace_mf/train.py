@@ -312,9 +312,11 @@ class Trainer:
                     "  *best*" if improved else "",
                     train_time,
                 )
-                self.save_checkpoint(epoch)
+                # Log before the checkpoint: an interruption in between repeats the epoch on resume
+                # (logged twice) instead of leaving it out of the tracker for good.
                 if self.on_epoch is not None:
                     self.on_epoch(record)
+                self.save_checkpoint(epoch)
                 if patience is not None and h.bad_epochs >= patience:
                     log.info("early stopping: no improvement for %d epochs", h.bad_epochs)
                     break

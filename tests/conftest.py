@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,27 @@ def two_fidelity_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
         paths[split] = folder / f"{split}.xyz"
         ase.io.write(paths[split], frames, format="extxyz")
     return paths
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """W&B kept offline and inside ``tmp_path``: no key, no network, nothing in the home folder.
+
+    Yields ``WANDB_DIR``; offline runs land in ``<WANDB_DIR>/wandb/offline-run-*``. wandb reads the
+    environment once per process setup, so the setup is torn down before and after (as W&B's agent
+    does between trials).
+    """
+    import wandb
+
+    wandb.teardown()
+    folders = {}
+    for var in ("WANDB_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        folders[var] = tmp_path / var.lower()
+        folders[var].mkdir()
+        monkeypatch.setenv(var, str(folders[var]))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no.netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    yield folders["WANDB_DIR"]
+    wandb.teardown()
