@@ -21,6 +21,7 @@ import hashlib
 import importlib
 import json
 import re
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,10 @@ def one_line(exc: BaseException) -> str:
 def init_worker(kind: str) -> None:
     """One thread per worker: OMP_NUM_THREADS=1 in the environment covers tblite, BLAS and a
     torch that a user calculator imports; MACE workers also set torch's count explicitly.
-    Importing torch only where needed keeps an xTB or ASE worker's start well under a second."""
+    Importing torch only where needed keeps an xTB or ASE worker's start well under a second.
+    Ctrl-C is left to the parent, which stops submitting, keeps the finished results and exits;
+    a worker killed by it would look like a crash and be retried."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if kind == "mace":
         import torch
 

@@ -161,19 +161,23 @@ def label(
     if not re.match(FIDELITY_NAME_PATTERN, fidelity):
         raise DataError(f"--fidelity {fidelity!r}: must match {FIDELITY_NAME_PATTERN}")
     spec = parse_calculator_spec(calculator, parse_calc_kwargs(calc_kwargs))
-    report = label_file(
-        input_file,
-        output,
-        spec,
-        f"{fidelity}_energy",
-        f"{fidelity}_forces",
-        workers=workers,
-        resume=resume,
-        overwrite=overwrite,
-        overwrite_labels=overwrite_labels,
-        fmt=data_format,
-        chunk_size=chunk_size,
-    )
+    try:
+        report = label_file(
+            input_file,
+            output,
+            spec,
+            f"{fidelity}_energy",
+            f"{fidelity}_forces",
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            overwrite_labels=overwrite_labels,
+            fmt=data_format,
+            chunk_size=chunk_size,
+        )
+    except KeyboardInterrupt:
+        err.print("interrupted; the results so far are kept: run the same command with --resume")
+        raise typer.Exit(130) from None
     for index, reason in report.failures[:5]:
         err.print(f"[yellow]failed[/yellow] configuration {index}: {reason}", highlight=False, soft_wrap=True)
     err.print(report.summary(), highlight=False, soft_wrap=True)
@@ -199,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn user errors into one line and exit code 2."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
+        code = command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
+        if isinstance(code, int):  # a command's typer.Exit(code), returned in non-standalone mode
+            return code
     except UserError as exc:
         if _state["debug"]:
             raise

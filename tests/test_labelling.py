@@ -281,3 +281,21 @@ def test_a_recipe_labels_its_data_on_the_fly_trains_and_reuses_the_cache(
     with caplog.at_level("INFO", logger="mace_mf"):
         train_run(load_recipe(path, ["training.epochs=0"]), tmp_path / "runs" / "second")
     assert "40 configurations, 0 computed in 0.0 s, 40 reused" in caplog.text
+
+
+def test_foundation_labels_name_the_recipes_own_foundation_file(tmp_path, tiny_model_file, two_fidelity_files):
+    import yaml
+    from support import write_recipe
+
+    from mace_mf.labelling import resolve_label_calculator
+    from mace_mf.recipe import load_recipe
+
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files)
+    recipe = load_recipe(path)
+    assert resolve_label_calculator(recipe, "foundation") == f"mace:{tiny_model_file}"
+    assert resolve_label_calculator(recipe, "gfn1-xtb") == "gfn1-xtb"
+    tree = yaml.safe_load(path.read_text())
+    tree["foundation"] = {"model": "mace_off:small"}
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(LabelError, match="needs a local foundation.model file"):
+        resolve_label_calculator(load_recipe(path), "foundation")
