@@ -1,6 +1,10 @@
 """One training run, end to end, in the order data flows:
 
-recipe → foundation → data → fidelity heads (+E0) → train → evaluate → export → report.
+recipe → foundation → labels → data → fidelity heads (+E0) → train → evaluate → export → report.
+
+"labels" computes the fidelities a recipe declares with ``labels:`` (mace_mf.labelling), into a
+cache shared by runs; the data are then read from the labelled copies, while the recipe written to
+the run folder keeps the original paths.
 
 The run folder is owned by one run: an existing run is never overwritten unless asked
 (``overwrite``) and an interrupted one continues from its last checkpoint (``resume``).
