@@ -197,6 +197,61 @@ def bench(
     sys.stdout.write((out / "results.md").read_text())
 
 
+@app.command()
+def label(
+    input_file: Annotated[Path, typer.Argument(metavar="INPUT", help="ASE-readable file of configurations.")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="extxyz file to write (atomically).")],
+    fidelity: Annotated[str, typer.Option(help="Labels go to <fidelity>_energy (info) and <fidelity>_forces.")],
+    calculator: Annotated[
+        str,
+        typer.Option(
+            help="gfn2-xtb | gfn1-xtb (tblite; atoms.info charge, multiplicity/spin or uhf) | "
+            "mace:PATH[:head] | module.path:ClassName"
+        ),
+    ],
+    calc_kwargs: Annotated[
+        list[str] | None,
+        typer.Option("--calc-kwargs", help="Calculator keyword arguments: a JSON object or key=value (repeatable)."),
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Worker processes (one thread each).")] = 1,
+    chunk_size: Annotated[int, typer.Option(help="Configurations per task sent to a worker.")] = 1,
+    overwrite_labels: Annotated[bool, typer.Option(help="Replace <fidelity>_* labels already in INPUT.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT file.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run from OUTPUT.partial.jsonl.")] = False,
+    data_format: Annotated[str | None, typer.Option("--format", help="ASE format of INPUT (default: guessed).")] = None,
+) -> None:
+    """Label every configuration of INPUT with a calculator; existing labels are kept."""
+    import re
+
+    from mace_mf.calculators import parse_calc_kwargs, parse_calculator_spec
+    from mace_mf.labelling import label_file
+    from mace_mf.recipe import FIDELITY_NAME_PATTERN
+
+    if not re.match(FIDELITY_NAME_PATTERN, fidelity):
+        raise DataError(f"--fidelity {fidelity!r}: must match {FIDELITY_NAME_PATTERN}")
+    spec = parse_calculator_spec(calculator, parse_calc_kwargs(calc_kwargs))
+    try:
+        report = label_file(
+            input_file,
+            output,
+            spec,
+            f"{fidelity}_energy",
+            f"{fidelity}_forces",
+            workers=workers,
+            resume=resume,
+            overwrite=overwrite,
+            overwrite_labels=overwrite_labels,
+            fmt=data_format,
+            chunk_size=chunk_size,
+        )
+    except KeyboardInterrupt:
+        err.print("interrupted; the results so far are kept: run the same command with --resume")
+        raise typer.Exit(130) from None
+    for index, reason in report.failures[:5]:
+        err.print(f"[yellow]failed[/yellow] configuration {index}: {reason}", highlight=False, soft_wrap=True)
+    err.print(report.summary(), highlight=False, soft_wrap=True)
+
+
 @recipe_app.command("check")
 def recipe_check(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE")], set_: SetOption = None) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
@@ -217,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn user errors into one line and exit code 2."""
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
+        code = command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
+        if isinstance(code, int):  # a command's typer.Exit(code), returned in non-standalone mode
+            return code
     except UserError as exc:
         if _state["debug"]:
             raise

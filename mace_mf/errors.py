@@ -23,3 +23,7 @@ class FoundationError(UserError):
 
 class RunError(UserError):
     """The output folder or a checkpoint is not usable as asked."""
+
+
+class LabelError(UserError):
+    """A labelling request (calculator spec, input, output or cache) cannot be carried out."""

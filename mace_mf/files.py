@@ -12,8 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 def _atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     path = Path(path)
@@ -35,6 +33,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
+    import torch  # here, so that importing this module (e.g. by `mace-mf label`) does not load torch
+
     _atomic(path, lambda h: torch.save(obj, h))
 
 

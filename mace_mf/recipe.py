@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,39 @@ class FoundationSpec(_Section):
         default=None,
         description="Head of a multi-head foundation whose weights start every fidelity head.",
     )
+
+
+class LabelSpec(_Section):
+    """Labels of a fidelity computed by a calculator before training (``mace-mf label``'s engine)."""
+
+    calculator: str = Field(
+        description=(
+            "`gfn2-xtb` or `gfn1-xtb` (tblite; per configuration `atoms.info` `charge`, and "
+            "`multiplicity` or `spin` (2S+1) or `uhf` (unpaired electrons); default neutral, lowest "
+            "spin), `mace:PATH[:head]` (pseudo-labels of a MACE file), `foundation` (the recipe's own "
+            "foundation file: a regulariser against forgetting), or `module.path:ClassName` (any ASE "
+            "calculator)."
+        )
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments of the calculator (e.g. `{accuracy: 0.1}` for tblite)."
+    )
+    workers: int = Field(default=1, ge=1, description="Worker processes that label in parallel (one thread each).")
+    splits: list[Literal["train", "valid", "test"]] = Field(
+        default_factory=lambda: ["train", "valid", "test"],
+        description="Which data files to label; the others keep only the labels they already carry.",
+    )
+    overwrite: bool = Field(
+        default=False,
+        description="Replace labels the files already hold under this fidelity's keys (else that is an error).",
+    )
+
+    @field_validator("splits")
+    @classmethod
+    def _some_splits(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("an empty list; name at least one of train, valid, test")
+        return value
 
 
 class FidelitySpec(_Section):
@@ -133,6 +167,14 @@ class FidelitySpec(_Section):
             "labels (eV²/Å²), where this fidelity's own forces are not trained on. 0: off."
         ),
     )
+    labels: LabelSpec | None = Field(
+        default=None,
+        description=(
+            "Compute this fidelity's labels with a calculator before training, cached by file content "
+            "and calculator in `data.label_cache`; `energy_key`/`forces_key` then default to "
+            "`<name>_energy`/`<name>_forces`. null: the labels are in the data files."
+        ),
+    )
 
 
 class DataSpec(_Section):
@@ -158,6 +200,13 @@ class DataSpec(_Section):
         description=(
             "Train on a seeded subset of at most this many configurations (taken after validation "
             "and test are split off): quick benchmarks and learning curves in geometries. null: all."
+        ),
+    )
+    label_cache: str | None = Field(
+        default=None,
+        description=(
+            "Folder of labels computed for `fidelities.<name>.labels`, reused by every run whose files "
+            "and calculator match; null: `label-cache/` next to the run folder."
         ),
     )
 
@@ -286,6 +335,12 @@ class Recipe(_Section):
         for name, spec in value.items():
             if not re.match(FIDELITY_NAME_PATTERN, name):
                 raise ValueError(f"fidelity name {name!r} must match {FIDELITY_NAME_PATTERN}")
+            if spec.labels is not None:
+                # Computed labels need keys to live under; unset keys take the `mace-mf label` names.
+                if "energy_key" not in spec.model_fields_set:
+                    spec.energy_key = f"{name}_energy"
+                if "forces_key" not in spec.model_fields_set:
+                    spec.forces_key = f"{name}_forces"
             if spec.energy_key is None and spec.forces_key is None:
                 raise ValueError(f"fidelity {name!r} has neither energy_key nor forces_key")
         return value
@@ -369,6 +424,8 @@ def _suggest(loc: tuple[Any, ...]) -> str:
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
+        elif _optional_model(annotation) is not None:
+            model = _optional_model(annotation)  # type: ignore[assignment]
         elif str(part) == "fidelities":
             model = FidelitySpec
     familiar = FAMILIAR_NAMES.get(str(loc[-1]))
@@ -380,7 +437,9 @@ def _suggest(loc: tuple[Any, ...]) -> str:
 
 def format_validation_error(source: str, error: ValidationError) -> str:
     """One line for the first problem: file, dotted key, what is wrong and how to fix it."""
-    first = error.errors()[0]
+    errors = error.errors()
+    # A misspelt key also makes the intended one "missing": name the misspelling, with a did-you-mean.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first["loc"])
     key = _dotted(loc)
     if first["type"] == "extra_forbidden":
@@ -464,6 +523,12 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.data.train = resolve_many(recipe.data.train)  # type: ignore[assignment]
     recipe.data.valid = resolve_many(recipe.data.valid)
     recipe.data.test = resolve_many(recipe.data.test)
+    if recipe.data.label_cache is not None:
+        recipe.data.label_cache = resolve(recipe.data.label_cache)
+    for spec in recipe.fidelities.values():
+        calculator = spec.labels.calculator if spec.labels is not None else ""
+        if spec.labels is not None and calculator.startswith("mace:"):
+            spec.labels.calculator = "mace:" + resolve(calculator[len("mace:") :])
     return recipe
 
 
@@ -524,6 +589,12 @@ def reference_markdown() -> str:
             if isinstance(annotation, type) and issubclass(annotation, BaseModel):
                 walk(annotation, f"{key}.")
                 continue
+            optional_model = _optional_model(annotation)
+            if optional_model is not None:
+                doc = (field.description or "").replace("|", "\\|")
+                lines.append(f"| `{key}` | {optional_model.__name__} \\| null | `null` | {doc} |")
+                walk(optional_model, f"{key}.")
+                continue
             if name == "fidelities" and model is Recipe:
                 walk(FidelitySpec, f"{key}.<name>.")
                 continue
@@ -539,6 +610,14 @@ def reference_markdown() -> str:
 
     walk(Recipe, "")
     return "\n".join(lines)
+
+
+def _optional_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of an optional section (``LabelSpec | None``), else None."""
+    members = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if len(members) == 1 and isinstance(members[0], type) and issubclass(members[0], BaseModel):
+        return members[0]
+    return None
 
 
 def _type_name(annotation: Any) -> str:

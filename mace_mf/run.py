@@ -1,6 +1,10 @@
 """One training run, end to end, in the order data flows:
 
-recipe → foundation → data → fidelity heads (+E0) → train → evaluate → export → report.
+recipe → foundation → labels → data → fidelity heads (+E0) → train → evaluate → export → report.
+
+"labels" computes the fidelities a recipe declares with ``labels:`` (mace_mf.labelling), into a
+cache shared by runs; the data are then read from the labelled copies, while the recipe written to
+the run folder keeps the original paths.
 
 The run folder is owned by one run: an existing run is never overwritten unless asked
 (``overwrite``) and an interrupted one continues from its last checkpoint (``resume``).
@@ -34,6 +38,7 @@ from mace_mf.export import export_models
 from mace_mf.files import atomic_write_text
 from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
 from mace_mf.heads import add_fidelity_embedding, extract_head, fit_e0s, replicate_head, set_head_e0s
+from mace_mf.labelling import label_recipe_data
 from mace_mf.recipe import Recipe, dump_recipe, recipe_from_dict
 from mace_mf.report import write_report
 from mace_mf.tracking import make_tracker
@@ -267,7 +272,9 @@ def _train_run(
         info.r_max,
         " ".join(info.elements),
     )
-    splits = load_splits(recipe, info, dtype)
+    cache_dir = Path(recipe.data.label_cache) if recipe.data.label_cache else out.resolve().parent / "label-cache"
+    data_recipe, labelled_files = label_recipe_data(recipe, cache_dir)
+    splits = load_splits(data_recipe, info, dtype)
     log.info(
         "data: %d train, %d valid, %d test configurations",
         len(splits.train),
@@ -290,6 +297,8 @@ def _train_run(
         "wandb_id": tracker.run_id,
         "foundation": info.source,
     }
+    if labelled_files:
+        run_record["labelled_files"] = labelled_files
     atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2))
     try:
         trains = recipe.training.epochs > 0

@@ -45,7 +45,8 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from pyscf import dft, gto, lib
 from scipy.spatial.transform import Rotation
-from tblite.ase import TBLite
+
+from mace_mf.calculators import tblite_calculator
 
 LOG = logging.getLogger("make_demo_data")
 
@@ -111,15 +112,19 @@ def _is_reasonable(atoms: Atoms, reference_graph: np.ndarray, min_dist: float) -
     return bool(dist.min() >= min_dist and np.array_equal(_bond_graph(atoms), reference_graph))
 
 
-def _xtb(method: str) -> Calculator:
-    """Fresh tblite calculator (no SCF guess carried over, so labels are order independent)."""
-    return TBLite(method=method, verbosity=0)
+def _xtb(method: str, atoms: Atoms) -> Calculator:
+    """Fresh tblite calculator (no SCF guess carried over, so labels are order independent).
+
+    Built by mace_mf's own helper, the one that ``mace-mf label`` uses: neutral closed-shell
+    molecules here, so charge 0 and singlet.
+    """
+    return tblite_calculator(method, atoms)
 
 
 def xtb_label(symbols: Sequence[str], positions: np.ndarray, method: str) -> tuple[float, np.ndarray]:
     """Energy (eV) and forces (eV/Å) of one geometry with a tblite method."""
     atoms = Atoms(symbols=list(symbols), positions=positions)
-    atoms.calc = _xtb(method)
+    atoms.calc = _xtb(method, atoms)
     return float(atoms.get_potential_energy()), np.array(atoms.get_forces())
 
 
@@ -132,7 +137,7 @@ def sample_molecule(
     atoms.set_initial_magnetic_moments(None)
     reference_graph = _bond_graph(atoms)
     temperature = float(rng.uniform(opts.t_min, opts.t_max))
-    atoms.calc = _xtb("GFN2-xTB")
+    atoms.calc = _xtb("GFN2-xTB", atoms)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
     Stationary(atoms)
     atoms.set_constraint(FixCom())

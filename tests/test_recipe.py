@@ -121,3 +121,27 @@ def test_base_cycles_are_refused(tmp_path):
     )
     with pytest.raises(RecipeError, match="cycle pm6 -> dft -> pm6"):
         load_recipe(write(tmp_path, text))
+
+
+def test_labelled_fidelity_defaults_its_keys_and_resolves_model_paths(tmp_path):
+    text = CONTRACT.replace(
+        "pm6: {energy_key: pm6_energy, forces_key: pm6_forces,",
+        "xtb: {labels: {calculator: gfn2-xtb, kwargs: {accuracy: 0.5}}, forces_key: null,",
+    ).replace(
+        "dft: {energy_key: dft_energy",
+        "fm: {labels: {calculator: 'mace:models/f.model:dft'}}\n  dft: {energy_key: dft_energy",
+    )
+    text = text.replace("fidelities: [dft, pm6]", "fidelities: [dft, xtb]")
+    recipe = load_recipe(write(tmp_path, text))
+    xtb, fm = recipe.fidelities["xtb"], recipe.fidelities["fm"]
+    assert (xtb.energy_key, xtb.forces_key) == ("xtb_energy", None)  # an explicit null stays null
+    assert (fm.energy_key, fm.forces_key) == ("fm_energy", "fm_forces")
+    assert xtb.labels.kwargs == {"accuracy": 0.5} and xtb.labels.splits == ["train", "valid", "test"]
+    assert fm.labels.calculator == f"mace:{(tmp_path / 'models/f.model').resolve()}:dft"
+    assert Recipe.model_validate(yaml.safe_load(dump_recipe(recipe))) == recipe
+    misspelt = text.replace("calculator: gfn2-xtb", "calculater: gfn2-xtb")
+    with pytest.raises(
+        RecipeError, match=r"unknown key 'fidelities.xtb.labels.calculater' \(did you mean 'calculator'"
+    ):
+        load_recipe(write(tmp_path, misspelt))
+    assert "`fidelities.<name>.labels.calculator`" in reference_markdown()
