@@ -59,7 +59,11 @@ def export_models(
     if multihead:
         path = folder / "multihead.model"
         # Delta heads exist only in training; the file holds each head folded into a stock readout.
-        stock = model if not any(delta_bases(model)) else merge_heads([extract_head(model, n) for n in names], names)
+        stock = (
+            model
+            if all(b is None for b in delta_bases(model))
+            else merge_heads([extract_head(model, n) for n in names], names)
+        )
         atomic_torch_save(_portable(stock), path)
         written.append(path)
     atomic_write_text(folder / "HEADS.txt", "\n".join(head_names(model)) + "\n")

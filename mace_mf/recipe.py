@@ -136,19 +136,21 @@ class FidelitySpec(_Section):
         ),
     )
     base: str | None = Field(
-        default=None,
+        default="auto",
         description=(
-            "A lower-level fidelity this head leans on (`coupling`, `base_forces_weight`); "
-            "typically the one with forces, e.g. `pm6` for a `dft` head with energies only."
+            "A lower-level fidelity this head leans on (`coupling`, `base_forces_weight`), e.g. `pm6` "
+            "for a `dft` head with energies only. `auto`: for a fidelity whose forces are not trained "
+            "on, the first declared fidelity whose forces are; otherwise none. null: none."
         ),
     )
     coupling: Literal["independent", "delta", "tied"] = Field(
-        default="independent",
+        default="delta",
         description=(
-            "How this head relates to `base`: `independent` (own readout, mace-torch's multi-head "
-            "fine-tuning), `delta` (energy = base head + a correction readout that starts at zero, "
-            "so the head starts with the base's forces), `tied` (own readout pulled toward the "
-            "base's by an L2 penalty of `coupling_strength`)."
+            "How this head relates to `base` (when it has one): `delta` (energy = base head + a "
+            "correction readout that starts at zero, so the head starts with the base's forces; the "
+            "best option measured, docs/benchmarks.md), `independent` (own readout, as mace-torch's "
+            "multi-head fine-tuning), `tied` (own readout pulled toward the base's by an L2 penalty "
+            "of `coupling_strength`)."
         ),
     )
     coupling_strength: float = Field(
@@ -359,10 +361,15 @@ class Recipe(_Section):
         if self.training.target is not None and self.training.target not in declared:
             raise ValueError(f"training.target {self.training.target!r} is not a declared fidelity {declared}")
         for name, spec in self.fidelities.items():
+            if spec.base == "auto":
+                spec.base = _auto_base(name, self.fidelities)
+        for name, spec in self.fidelities.items():
             where = f"fidelities.{name}"
             if spec.base is None:
-                if spec.coupling != "independent" or spec.base_forces_weight > 0:
+                explicit = "coupling" in spec.model_fields_set and spec.coupling != "independent"
+                if explicit or spec.base_forces_weight > 0:
                     raise ValueError(f"{where}: coupling {spec.coupling!r} and base_forces_weight need `base:`")
+                spec.coupling = "independent"  # what runs; the resolved recipe says so
                 continue
             if spec.base not in declared or spec.base == name:
                 raise ValueError(f"{where}.base: {spec.base!r} must be another declared fidelity {declared}")
@@ -387,6 +394,17 @@ class Recipe(_Section):
     @property
     def export_fidelities(self) -> list[str]:
         return self.export.fidelities or list(self.fidelities)
+
+
+def _trains_forces(spec: FidelitySpec) -> bool:
+    return spec.forces_key is not None and spec.forces_weight > 0
+
+
+def _auto_base(name: str, fidelities: dict[str, FidelitySpec]) -> str | None:
+    """``base: auto``: a head not trained on forces leans on the first one that is."""
+    if _trains_forces(fidelities[name]):
+        return None
+    return next((other for other, spec in fidelities.items() if other != name and _trains_forces(spec)), None)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -53,7 +53,7 @@ def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
         (("dtype: float64", "dtype: float16"), "dtype: Input should be 'float32' or 'float64'"),
         (("device: cpu", "device: gpu0"), "device: 'gpu0' is not a device"),
         (("mode: disabled", "mode: sometimes"), "wandb.mode: Input should be"),
-        (("forces_weight: 0.0}", "forces_weight: 0.0, coupling: delta}"), "fidelities.dft: coupling 'delta'"),
+        (("forces_weight: 0.0}", "forces_weight: 0.0, base: null, coupling: delta}"), "dft: coupling 'delta'"),
         (("forces_weight: 0.0}", "forces_weight: 0.0, base: dft}"), "fidelities.dft.base: 'dft' must be another"),
         (("forces_weight: 0.0}", "forces_weight: 0.0, base: xtb}"), "fidelities.dft.base: 'xtb' must be another"),
         (("forces_weight: 0.0}", "forces_weight: 0.0, coupling: glued}"), "fidelities.dft.coupling: Input should be"),
@@ -145,3 +145,21 @@ def test_labelled_fidelity_defaults_its_keys_and_resolves_model_paths(tmp_path):
     ):
         load_recipe(write(tmp_path, misspelt))
     assert "`fidelities.<name>.labels.calculator`" in reference_markdown()
+
+
+def test_base_auto_leans_a_head_without_trained_forces_on_one_with():
+    recipe = load_recipe_text(CONTRACT)
+    assert recipe.fidelities["dft"].base == "pm6" and recipe.fidelities["dft"].coupling == "delta"
+    assert recipe.fidelities["pm6"].base is None  # trained on forces: stands on its own
+    oracle = load_recipe_text(CONTRACT, ["fidelities.dft.forces_weight=10"])
+    assert oracle.fidelities["dft"].base is None
+    alone = load_recipe_text(CONTRACT, ["fidelities.pm6.forces_weight=0"])
+    assert alone.fidelities["dft"].base is None and alone.fidelities["pm6"].base is None
+    assert "base: pm6" in dump_recipe(recipe)  # the resolved recipe says what ran
+
+
+def load_recipe_text(text, overrides=()):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        return load_recipe(write(Path(folder), text), list(overrides))
