@@ -189,6 +189,23 @@ class ExportSpec(_Section):
     )
 
 
+class MDCheckSpec(_Section):
+    """The MD stability check run on the target fidelity's model at the end of training."""
+
+    enabled: bool = Field(default=True, description="Run `mace-mf md-check` on the target head after training.")
+    structures: int = Field(
+        default=3, ge=1, description="Number of starting geometries, the first of the test split (else valid)."
+    )
+    steps: int = Field(default=100, ge=1, description="NVE velocity-Verlet steps per structure.")
+    dt_fs: float = Field(default=0.5, gt=0.0, description="Time step (fs).")
+    temperature_K: float = Field(default=300.0, ge=0.0, description="Initial Maxwell-Boltzmann temperature (K).")
+    max_drift: float = Field(default=0.01, gt=0.0, description="Largest |total-energy drift| that passes (eV/atom/ps).")
+    max_bond_stretch: float = Field(
+        default=0.5, gt=0.0, description="Largest relative elongation of a starting bond that passes."
+    )
+    max_force: float = Field(default=50.0, gt=0.0, description="Largest force that passes (eV/Å).")
+
+
 class WandbSpec(_Section):
     """Weights & Biases tracking."""
 
@@ -219,6 +236,7 @@ class Recipe(_Section):
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    md_check: MDCheckSpec = Field(default_factory=MDCheckSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
 
     @field_validator("fidelities")
@@ -229,9 +247,11 @@ class Recipe(_Section):
             raise ValueError("no fidelities declared; add at least one under `fidelities:`")
         for name, spec in value.items():
             if not re.match(FIDELITY_NAME_PATTERN, name):
-                raise ValueError(f"fidelity name {name!r} must match {FIDELITY_NAME_PATTERN}")
+                raise ValueError(
+                    f"fidelity name {name!r} is not allowed; use letters, digits, _ and -, starting with a letter"
+                )
             if spec.energy_key is None and spec.forces_key is None:
-                raise ValueError(f"fidelity {name!r} has neither energy_key nor forces_key")
+                raise ValueError(f"fidelity {name!r} has neither energy_key nor forces_key; set at least one")
         return value
 
     @field_validator("device")
@@ -246,10 +266,15 @@ class Recipe(_Section):
     def _references(self) -> Recipe:
         declared = list(self.fidelities)
         if self.training.target is not None and self.training.target not in declared:
-            raise ValueError(f"training.target {self.training.target!r} is not a declared fidelity {declared}")
+            raise ValueError(
+                f"training.target {self.training.target!r} is not a declared fidelity {declared}; "
+                "use one of the declared names"
+            )
         for name in self.export.fidelities or []:
             if name not in declared:
-                raise ValueError(f"export.fidelities: {name!r} is not a declared fidelity {declared}")
+                raise ValueError(
+                    f"export.fidelities: {name!r} is not a declared fidelity {declared}; use one of the declared names"
+                )
         return self
 
     @property
@@ -314,11 +339,49 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key {key!r}{_suggest(loc)}"
     if first["type"] == "missing":
-        return f"{source}: missing required key {key!r}"
+        return f"{source}: missing required key {key!r}; add it (every key: `mace-mf recipe reference`)"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
-    return f"{source}: {key + ': ' if key else ''}{message}{shown}"
+    return f"{source}: {key + ': ' if key else ''}{message}{shown}{_expected(loc)}"
+
+
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    """The pydantic field a validation error's location points at, or None (mapping entries, unions)."""
+    model: type[BaseModel] = Recipe
+    field = None
+    parts = [str(p) for p in loc]
+    i = 0
+    while i < len(parts):
+        field = model.model_fields.get(parts[i])
+        if field is None:
+            return None
+        if model is Recipe and parts[i] == "fidelities":
+            if len(parts) < 3:
+                return field
+            model, i = FidelitySpec, i + 2
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif i < len(parts) - 1:
+            return None  # inside a list or dict value
+        i += 1
+    return field
+
+
+def _expected(loc: tuple[Any, ...]) -> str:
+    """ "; expected <type> (default <value>)" for a scalar key, so the message says what to write."""
+    field = _field_at(loc)
+    if field is None or (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        return ""
+    if field.is_required():
+        default = "required"
+    elif field.default_factory is not None:
+        default = f"default {field.default_factory()}"
+    else:
+        default = f"default {'null' if field.default is None else field.default}"
+    return f"; expected {_type_name(field.annotation).replace(chr(92), '')} ({default}; see `mace-mf recipe reference`)"
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -372,7 +435,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found; check the path") from None
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror}); check the path and its permissions") from None
     try:
         tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -383,7 +446,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if tree is None:
         raise RecipeError(f"{path}: the recipe is empty; see recipes/quickstart.yaml for an example")
     if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+        raise RecipeError(
+            f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}; write "
+            "`section: {key: value}` lines (see recipes/quickstart.yaml)"
+        )
     for override in overrides:
         key, value = parse_override(override)
         set_dotted(tree, key, value)
