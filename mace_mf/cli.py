@@ -17,6 +17,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from mace_mf.errors import DataError, RunError, UserError
@@ -59,7 +60,6 @@ def train(
 ) -> None:
     """Fine-tune a foundation on the recipe's fidelities; evaluate, export and report."""
     from mace_mf.recipe import load_recipe
-    from mace_mf.run import default_out, train_run
 
     overrides = list(set_ or [])
     if wandb is not None:
@@ -69,6 +69,8 @@ def train(
     recipe = load_recipe(recipe_file, overrides)
     if resume and out is None:
         raise RunError("--resume needs --out pointing at the run folder to continue")
+    from mace_mf.run import default_out, train_run  # torch and mace: seconds, so after the recipe is checked
+
     target = out or default_out(recipe)
     train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
     metrics = json.loads((target / "metrics.json").read_text())
@@ -170,7 +172,7 @@ def md_check_command(
     write_md_check(record, out)
     Console().print("\n".join(md_check_markdown(record)[4:]))
     passed = record["passed"]
-    err.print(f"[{'green' if passed else 'red'}]{record['summary']}[/]", highlight=False, soft_wrap=True)
+    err.print(f"[{'green' if passed else 'red'}]{escape(record['summary'])}[/]", highlight=False, soft_wrap=True)
     if not passed:
         raise typer.Exit(1)
 
@@ -201,12 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
-        err.print(f"[red]error[/red]: {exc.format_message()}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]: {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         return 2
     except click.exceptions.Abort:
         err.print("aborted")

@@ -220,7 +220,7 @@ def md_check(
         raise DataError(f"--head {head!r}: not a head of {source} (heads: {names}); choose one of them")
     # The calculator converts dtype and freezes parameters in place: give it a copy.
     calc = MACECalculator(
-        models=copy.deepcopy(model).double(), device="cpu", default_dtype="float64", head=head or names[0]
+        models=copy.deepcopy(model).double().cpu(), device="cpu", default_dtype="float64", head=head or names[0]
     )
     r_max = float(model.r_max)
     results = [run_structure(atoms, calc, r_max, options, i) for i, atoms in enumerate(structures)]

@@ -305,6 +305,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# pydantic appends the tried union member or a mapping-key marker to a location: not recipe keys.
+_LOC_TAGS = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|\[key\])$")
+
+
+def _key_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(part for part in loc if not (isinstance(part, str) and _LOC_TAGS.match(part)))
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
@@ -334,7 +342,7 @@ def _suggest(loc: tuple[Any, ...]) -> str:
 def format_validation_error(source: str, error: ValidationError) -> str:
     """One line for the first problem: file, dotted key, what is wrong and how to fix it."""
     first = error.errors()[0]
-    loc = tuple(first["loc"])
+    loc = _key_path(tuple(first["loc"]))
     key = _dotted(loc)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key {key!r}{_suggest(loc)}"
@@ -372,6 +380,8 @@ def _field_at(loc: tuple[Any, ...]) -> Any:
 
 def _expected(loc: tuple[Any, ...]) -> str:
     """ "; expected <type> (default <value>)" for a scalar key, so the message says what to write."""
+    if len(loc) == 2 and loc[0] == "fidelities":
+        return "; expected a mapping such as {energy_key: dft_energy, forces_key: dft_forces}"
     field = _field_at(loc)
     if field is None or (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
         return ""
