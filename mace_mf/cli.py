@@ -144,15 +144,20 @@ def md_check_command(
     max_bond_stretch: Annotated[float, typer.Option(help="Largest relative bond elongation that passes.")] = 0.5,
     max_force: Annotated[float, typer.Option(help="Largest force that passes (eV/Å).")] = 50.0,
     seed: Annotated[int, typer.Option(help="Seed of the initial velocities.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch; 1 is fastest for small molecules.")] = 1,
     out: Annotated[Path, typer.Option(help="Where to write the JSON record.")] = Path("md_check.json"),
 ) -> None:
     """Short NVE MD from each structure: energy drift, forces, bond stretch, atoms flying apart; PASS/FAIL.
 
     Exit code 0 on PASS, 1 on FAIL (2 for bad input), so scripts can gate on it.
     """
+    import torch
+
     from mace_mf.data import check_geometry, read_atoms
     from mace_mf.inference import load_model_file
     from mace_mf.md_check import MDCheckOptions, md_check, md_check_markdown, write_md_check
+
+    torch.set_num_threads(threads)
 
     frames = read_atoms(str(structures), None)[:limit]
     for i, atoms in enumerate(frames):

@@ -218,10 +218,16 @@ def md_check(
         raise DataError(f"{source} has heads {names}; choose one with --head")
     if head is not None and head not in names:
         raise DataError(f"--head {head!r}: not a head of {source} (heads: {names}); choose one of them")
-    # The calculator converts dtype and freezes parameters in place: give it a copy.
-    calc = MACECalculator(
-        models=copy.deepcopy(model).double().cpu(), device="cpu", default_dtype="float64", head=head or names[0]
-    )
+    # The calculator converts dtype and freezes parameters in place: give it a copy. It also logs
+    # "Using CPU"-style lines on the root logger, which would interleave with ours.
+    previous = logging.root.manager.disable
+    logging.disable(logging.INFO)
+    try:
+        calc = MACECalculator(
+            models=copy.deepcopy(model).double().cpu(), device="cpu", default_dtype="float64", head=head or names[0]
+        )
+    finally:
+        logging.disable(previous)
     r_max = float(model.r_max)
     results = [run_structure(atoms, calc, r_max, options, i) for i, atoms in enumerate(structures)]
     return {
