@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,7 @@ import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from mace_mf.errors import DataError, RunError, UserError
@@ -58,7 +60,6 @@ def train(
 ) -> None:
     """Fine-tune a foundation on the recipe's fidelities; evaluate, export and report."""
     from mace_mf.recipe import load_recipe
-    from mace_mf.run import default_out, train_run
 
     overrides = list(set_ or [])
     if wandb is not None:
@@ -68,6 +69,8 @@ def train(
     recipe = load_recipe(recipe_file, overrides)
     if resume and out is None:
         raise RunError("--resume needs --out pointing at the run folder to continue")
+    from mace_mf.run import default_out, train_run  # torch and mace: seconds, so after the recipe is checked
+
     target = out or default_out(recipe)
     train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
     metrics = json.loads((target / "metrics.json").read_text())
@@ -252,6 +255,57 @@ def label(
     err.print(report.summary(), highlight=False, soft_wrap=True)
 
 
+@app.command("md-check")
+def md_check_command(
+    model_or_run: Annotated[Path, typer.Argument(metavar="MODEL", help="A .model file or a run folder.")],
+    structures: Annotated[Path, typer.Argument(help="ASE-readable file of starting geometries.")],
+    head: Annotated[str | None, typer.Option(help="Head of a multi-head model.")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="Velocity-Verlet steps per structure.")] = 100,
+    dt: Annotated[float, typer.Option(min=0.01, help="Time step (fs).")] = 0.5,
+    temperature: Annotated[float, typer.Option(min=0.0, help="Initial Maxwell-Boltzmann temperature (K).")] = 300.0,
+    limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N structures.")] = None,
+    max_drift: Annotated[float, typer.Option(help="Largest |energy drift| that passes (eV/atom/ps).")] = 0.01,
+    max_bond_stretch: Annotated[float, typer.Option(help="Largest relative bond elongation that passes.")] = 0.5,
+    max_force: Annotated[float, typer.Option(help="Largest force that passes (eV/Å).")] = 50.0,
+    seed: Annotated[int, typer.Option(help="Seed of the initial velocities.")] = 0,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch; 1 is fastest for small molecules.")] = 1,
+    out: Annotated[Path, typer.Option(help="Where to write the JSON record.")] = Path("md_check.json"),
+) -> None:
+    """Short NVE MD from each structure: energy drift, forces, bond stretch, atoms flying apart; PASS/FAIL.
+
+    Exit code 0 on PASS, 1 on FAIL (2 for bad input), so scripts can gate on it.
+    """
+    import torch
+
+    from mace_mf.data import check_geometry, read_atoms
+    from mace_mf.inference import load_model_file
+    from mace_mf.md_check import MDCheckOptions, md_check, md_check_markdown, write_md_check
+
+    torch.set_num_threads(threads)
+
+    frames = read_atoms(str(structures), None)[:limit]
+    for i, atoms in enumerate(frames):
+        check_geometry(atoms, f"{structures}: configuration {i}")
+    model = load_model_file(model_or_run)
+    options = MDCheckOptions(
+        steps=steps,
+        dt_fs=dt,
+        temperature_K=temperature,
+        seed=seed,
+        max_drift=max_drift,
+        max_bond_stretch=max_bond_stretch,
+        max_force=max_force,
+    )
+    record = md_check(model, frames, head, options, source=str(model_or_run))
+    record["structures_file"] = str(structures)
+    write_md_check(record, out)
+    Console().print("\n".join(md_check_markdown(record)[4:]))
+    passed = record["passed"]
+    err.print(f"[{'green' if passed else 'red'}]{escape(record['summary'])}[/]", highlight=False, soft_wrap=True)
+    if not passed:
+        raise typer.Exit(1)
+
+
 @recipe_app.command("check")
 def recipe_check(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE")], set_: SetOption = None) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
@@ -270,20 +324,24 @@ def recipe_reference() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn user errors into one line and exit code 2."""
+    # e3nn warns about an environment variable that mace itself sets on import: noise to a user.
+    warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     command = typer.main.get_command(app)
     try:
         code = command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
         if isinstance(code, int):  # a command's typer.Exit(code), returned in non-standalone mode
             return code
+
+        result = command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
             raise
-        err.print(f"[red]error[/red]: {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]: {escape(str(exc))}", highlight=False, soft_wrap=True)
         return 2
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.ClickException as exc:
-        err.print(f"[red]error[/red]: {exc.format_message()}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error[/red]: {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         return 2
     except click.exceptions.Abort:
         err.print("aborted")
@@ -291,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted; continue with --resume --out <run folder>")
         return 130
-    return 0
+    return result if isinstance(result, int) else 0  # click returns typer.Exit's code here
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def read_atoms(path: str, fmt: str | None) -> list[Atoms]:
     file = Path(path)
     if not file.is_file():
         raise DataError(f"{path}: data file not found; check data.* in the recipe")
+    if file.stat().st_size == 0:
+        raise DataError(f"{path}: empty file, no configurations in the file; give a file with at least one")
     try:
         frames = ase.io.read(file, index=":", format=fmt)
     except Exception as exc:  # ASE raises many types for a bad file; all mean "cannot parse"
@@ -136,7 +138,9 @@ def read_labels(atoms: Atoms, specs: dict[str, FidelitySpec], where: str) -> Lab
             try:
                 energy = float(np.asarray(energy).reshape(()))
             except (TypeError, ValueError):
-                raise DataError(f"{where}: {spec.energy_key} ({name}) is not a single number") from None
+                raise DataError(
+                    f"{where}: {spec.energy_key} ({name}) is not a single number; give one number in eV"
+                ) from None
             if not np.isfinite(energy):
                 raise DataError(f"{where}: {spec.energy_key} ({name}) is {energy}; fix or drop the configuration")
         value = None if spec.forces_key is None else _lookup(atoms, spec.forces_key, per_atom=True)
@@ -144,7 +148,8 @@ def read_labels(atoms: Atoms, specs: dict[str, FidelitySpec], where: str) -> Lab
             array = np.asarray(value, dtype=float)
             if array.shape != (len(atoms), 3):
                 raise DataError(
-                    f"{where}: {spec.forces_key} ({name}) has shape {array.shape}, expected ({len(atoms)}, 3)"
+                    f"{where}: {spec.forces_key} ({name}) has shape {array.shape}, expected ({len(atoms)}, 3); "
+                    "store one x, y, z row per atom"
                 )
             if not np.isfinite(array).all():
                 raise DataError(f"{where}: {spec.forces_key} ({name}) contains NaN/inf; fix or drop the configuration")
@@ -228,9 +233,15 @@ def check_declared_keys(frames: list[Frame], specs: dict[str, FidelitySpec], wha
                 "check the key (atoms.info) or set it to null"
             )
         if spec.forces_key is not None and not any(f.labels.forces[h] is not None for f in frames):
+            trained = (
+                f" (forces_weight {spec.forces_weight} trains on them; with energies only, set forces_key: null "
+                "or forces_weight: 0)"
+                if spec.forces_weight > 0
+                else ""
+            )
             raise DataError(
                 f"{what}: fidelities.{name}.forces_key {spec.forces_key!r} is in no configuration; "
-                "check the key (atoms.arrays) or set it to null"
+                f"check the key (atoms.arrays) or set it to null{trained}"
             )
 
 

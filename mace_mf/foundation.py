@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,15 +101,7 @@ def _load_file(path: Path) -> torch.nn.Module:
         raise FoundationError(f"foundation.model: {path} not found; give a MACE .model file")
     try:
         model = torch.load(path, weights_only=False, map_location="cpu")
-    except (
-        pickle.UnpicklingError,
-        EOFError,
-        zipfile.BadZipFile,
-        RuntimeError,
-        AttributeError,
-        ModuleNotFoundError,
-        ValueError,
-    ) as exc:
+    except Exception as exc:  # unpickling a damaged file raises anything (EOFError, OSError, BadZipFile...)
         raise FoundationError(
             f"foundation.model: {path} is not a loadable MACE model "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); is the file truncated?"
@@ -150,6 +140,11 @@ def load_foundation(
     float64 run otherwise crashes mace's TorchScript tensordot.
     """
     is_named = spec.startswith(NAMED_PREFIXES) and not Path(spec).exists()
+    if not is_named and not Path(spec).exists() and ":" in Path(spec).name:
+        raise FoundationError(
+            f"foundation.model: {Path(spec).name!r} is neither a file nor a named foundation; "
+            "use mace_mp:<size>, mace_off:<size>, mace_anicc or a .model path"
+        )
     model = _load_named(spec) if is_named else _load_file(Path(spec))
     if not isinstance(model, ScaleShiftMACE):
         raise FoundationError(

@@ -296,6 +296,23 @@ class ExportSpec(_Section):
     )
 
 
+class MDCheckSpec(_Section):
+    """The MD stability check run on the target fidelity's model at the end of training."""
+
+    enabled: bool = Field(default=True, description="Run `mace-mf md-check` on the target head after training.")
+    structures: int = Field(
+        default=3, ge=1, description="Number of starting geometries, the first of the test split (else valid)."
+    )
+    steps: int = Field(default=100, ge=1, description="NVE velocity-Verlet steps per structure.")
+    dt_fs: float = Field(default=0.5, gt=0.0, description="Time step (fs).")
+    temperature_K: float = Field(default=300.0, ge=0.0, description="Initial Maxwell-Boltzmann temperature (K).")
+    max_drift: float = Field(default=0.01, gt=0.0, description="Largest |total-energy drift| that passes (eV/atom/ps).")
+    max_bond_stretch: float = Field(
+        default=0.5, gt=0.0, description="Largest relative elongation of a starting bond that passes."
+    )
+    max_force: float = Field(default=50.0, gt=0.0, description="Largest force that passes (eV/Å).")
+
+
 class WandbSpec(_Section):
     """Weights & Biases tracking."""
 
@@ -326,6 +343,7 @@ class Recipe(_Section):
     data: DataSpec
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    md_check: MDCheckSpec = Field(default_factory=MDCheckSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
 
     @field_validator("fidelities")
@@ -336,7 +354,9 @@ class Recipe(_Section):
             raise ValueError("no fidelities declared; add at least one under `fidelities:`")
         for name, spec in value.items():
             if not re.match(FIDELITY_NAME_PATTERN, name):
-                raise ValueError(f"fidelity name {name!r} must match {FIDELITY_NAME_PATTERN}")
+                raise ValueError(
+                    f"fidelity name {name!r} is not allowed; use letters, digits, _ and -, starting with a letter"
+                )
             if spec.labels is not None:
                 # Computed labels need keys to live under; unset keys take the `mace-mf label` names.
                 if "energy_key" not in spec.model_fields_set:
@@ -344,7 +364,7 @@ class Recipe(_Section):
                 if "forces_key" not in spec.model_fields_set:
                     spec.forces_key = f"{name}_forces"
             if spec.energy_key is None and spec.forces_key is None:
-                raise ValueError(f"fidelity {name!r} has neither energy_key nor forces_key")
+                raise ValueError(f"fidelity {name!r} has neither energy_key nor forces_key; set at least one")
         return value
 
     @field_validator("device")
@@ -359,7 +379,10 @@ class Recipe(_Section):
     def _references(self) -> Recipe:
         declared = list(self.fidelities)
         if self.training.target is not None and self.training.target not in declared:
-            raise ValueError(f"training.target {self.training.target!r} is not a declared fidelity {declared}")
+            raise ValueError(
+                f"training.target {self.training.target!r} is not a declared fidelity {declared}; "
+                "use one of the declared names"
+            )
         for name, spec in self.fidelities.items():
             if spec.base == "auto":
                 spec.base = _auto_base(name, self.fidelities)
@@ -383,7 +406,9 @@ class Recipe(_Section):
                 seen.append(base)
         for name in self.export.fidelities or []:
             if name not in declared:
-                raise ValueError(f"export.fidelities: {name!r} is not a declared fidelity {declared}")
+                raise ValueError(
+                    f"export.fidelities: {name!r} is not a declared fidelity {declared}; use one of the declared names"
+                )
         return self
 
     @property
@@ -425,6 +450,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# pydantic appends the tried union member or a mapping-key marker to a location: not recipe keys.
+_LOC_TAGS = re.compile(r"^(str|int|float|bool|none|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|\[key\])$")
+
+
+def _key_path(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(part for part in loc if not (isinstance(part, str) and _LOC_TAGS.match(part)))
+
+
 def _dotted(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc)
 
@@ -458,16 +491,56 @@ def format_validation_error(source: str, error: ValidationError) -> str:
     errors = error.errors()
     # A misspelt key also makes the intended one "missing": name the misspelling, with a did-you-mean.
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = tuple(first["loc"])
+    loc = _key_path(tuple(first["loc"]))
     key = _dotted(loc)
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key {key!r}{_suggest(loc)}"
     if first["type"] == "missing":
-        return f"{source}: missing required key {key!r}"
+        return f"{source}: missing required key {key!r}; add it (every key: `mace-mf recipe reference`)"
     message = first["msg"].removeprefix("Value error, ")
     given = first.get("input")
     shown = "" if isinstance(given, dict | list) or given is None else f" (got {given!r})"
-    return f"{source}: {key + ': ' if key else ''}{message}{shown}"
+    return f"{source}: {key + ': ' if key else ''}{message}{shown}{_expected(loc)}"
+
+
+def _field_at(loc: tuple[Any, ...]) -> Any:
+    """The pydantic field a validation error's location points at, or None (mapping entries, unions)."""
+    model: type[BaseModel] = Recipe
+    field = None
+    parts = [str(p) for p in loc]
+    i = 0
+    while i < len(parts):
+        field = model.model_fields.get(parts[i])
+        if field is None:
+            return None
+        if model is Recipe and parts[i] == "fidelities":
+            if len(parts) < 3:
+                return field
+            model, i = FidelitySpec, i + 2
+            continue
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif i < len(parts) - 1:
+            return None  # inside a list or dict value
+        i += 1
+    return field
+
+
+def _expected(loc: tuple[Any, ...]) -> str:
+    """ "; expected <type> (default <value>)" for a scalar key, so the message says what to write."""
+    if len(loc) == 2 and loc[0] == "fidelities":
+        return "; expected a mapping such as {energy_key: dft_energy, forces_key: dft_forces}"
+    field = _field_at(loc)
+    if field is None or (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        return ""
+    if field.is_required():
+        default = "required"
+    elif field.default_factory is not None:
+        default = f"default {field.default_factory()}"
+    else:
+        default = f"default {'null' if field.default is None else field.default}"
+    return f"; expected {_type_name(field.annotation).replace(chr(92), '')} ({default}; see `mace-mf recipe reference`)"
 
 
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -562,7 +635,7 @@ def load_recipe(
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found; check the path") from None
     except OSError as exc:
-        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror})") from None
+        raise RecipeError(f"{path}: cannot read recipe ({exc.strerror}); check the path and its permissions") from None
     try:
         tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -573,7 +646,10 @@ def load_recipe(
     if tree is None:
         raise RecipeError(f"{path}: the recipe is empty; see recipes/quickstart.yaml for an example")
     if not isinstance(tree, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}")
+        raise RecipeError(
+            f"{path}: a recipe must be a mapping of sections, got {type(tree).__name__}; write "
+            "`section: {key: value}` lines (see recipes/quickstart.yaml)"
+        )
     for override in overrides:
         key, value = parse_override(override)
         set_dotted(tree, key, value)

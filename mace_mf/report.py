@@ -8,6 +8,7 @@ from typing import Any
 from mace_mf.evaluate import metrics_table
 from mace_mf.files import atomic_write_text
 from mace_mf.foundation import FoundationInfo
+from mace_mf.md_check import md_check_markdown
 from mace_mf.recipe import Recipe
 from mace_mf.train import History
 
@@ -55,6 +56,7 @@ def write_report(
     e0s: dict[str, dict[str, float]],
     files: list[Path],
     wall_time_s: float,
+    md_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``report.md`` (atomically) and the learning-curve plot."""
     lines = [f"# mace_mf run `{recipe.name}`", ""]
@@ -91,6 +93,8 @@ def write_report(
     ]
     for name, values in e0s.items():
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values.values()) + " |")
+    if md_record is not None:
+        lines += ["", "## MD stability check (`md_check.json`)", "", *md_check_markdown(md_record)]
     lines += ["", "## Exported files", ""]
     lines += [f"- `{p.relative_to(out)}`" for p in files]
     lines += [

@@ -32,13 +32,15 @@ from mace.tools import AtomicNumberTable
 
 from mace_mf.coupling import apply_couplings
 from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
-from mace_mf.errors import RecipeError, RunError
+from mace_mf.errors import RecipeError, RunError, UserError
 from mace_mf.evaluate import compute_metrics, parity_plot, predict
 from mace_mf.export import export_models
 from mace_mf.files import atomic_write_text
 from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
 from mace_mf.heads import add_fidelity_embedding, extract_head, fit_e0s, replicate_head, set_head_e0s
+from mace_mf.inference import load_model_file
 from mace_mf.labelling import label_recipe_data
+from mace_mf.md_check import MDCheckOptions, md_check, write_md_check
 from mace_mf.recipe import Recipe, dump_recipe, recipe_from_dict
 from mace_mf.report import write_report
 from mace_mf.tracking import make_tracker
@@ -77,6 +79,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | No
             "recipe.resolved.yaml",
             "history.json",
             "train.log",
+            "md_check.json",
         ):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,11 +226,44 @@ def model_metadata(recipe: Recipe, info: FoundationInfo, best_epoch: int) -> dic
     }
 
 
+def final_md_check(model: torch.nn.Module, recipe: Recipe, splits: Splits, out: Path) -> dict[str, Any] | None:
+    """Short NVE MD of the target head from a few test (else valid) geometries, into ``md_check.json``.
+
+    The exported file is what a user will run, so it is checked when it was written; otherwise the
+    same head extracted in memory. A failure is reported (log, report.md), not fatal: the run's
+    models are still the best this recipe gives.
+    """
+    spec = recipe.md_check
+    if not spec.enabled:
+        return None
+    split = splits.test if splits.test is not None else splits.valid
+    exported = out / "models" / f"{recipe.target}.model"
+    if exported.is_file():
+        candidate, source = load_model_file(exported), str(exported.relative_to(out))
+    else:
+        candidate, source = extract_head(model, recipe.target), f"head {recipe.target} (not exported)"
+    options = MDCheckOptions(
+        steps=spec.steps,
+        dt_fs=spec.dt_fs,
+        temperature_K=spec.temperature_K,
+        seed=recipe.seed,
+        max_drift=spec.max_drift,
+        max_bond_stretch=spec.max_bond_stretch,
+        max_force=spec.max_force,
+    )
+    record = md_check(candidate, split.atoms[: spec.structures], None, options, source)
+    record["structures_file"] = f"{split.name} split, first {min(spec.structures, len(split))}"
+    write_md_check(record, out / "md_check.json")
+    (log.info if record["passed"] else log.warning)("%s", record["summary"])
+    return record
+
+
 def train_run(
     recipe: Recipe, out: Path, recipe_file: Path | None = None, resume: bool = False, overwrite: bool = False
 ) -> Path:
     """Run a recipe into ``out``; return ``out``."""
     started = time.perf_counter()
+    fresh = not out.exists()
     previous = prepare_out(out, resume, overwrite)
     resolved = out / "recipe.resolved.yaml"
     if resume and resolved.is_file():
@@ -247,12 +283,28 @@ def train_run(
     if package_log.getEffectiveLevel() > logging.INFO:
         package_log.setLevel(logging.INFO)
     package_log.addHandler(file_handler)
+    rejected = False
     try:
         return _train_run(recipe, out, recipe_file, previous, started)
+    except UserError as exc:
+        rejected = not (out / RUN_FILE).is_file()  # refused before the run began
+        # The console prints the error; train.log keeps it too, for a run that leaves a folder.
+        file_handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "stopped: %s", (exc,), None))
+        raise
     finally:
         package_log.removeHandler(file_handler)
         package_log.setLevel(previous_level)
         file_handler.close()
+        if rejected and previous is None:
+            _unclaim(out, fresh)
+
+
+def _unclaim(out: Path, fresh: bool) -> None:
+    """Input rejected before anything ran: leave no folder that could pass for a run."""
+    for name in ("recipe.resolved.yaml", "train.log"):
+        (out / name).unlink(missing_ok=True)
+    if fresh and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _train_run(
@@ -316,8 +368,9 @@ def _train_run(
         files = export_models(
             model, recipe.export_fidelities, out / "models", recipe.export.multihead, recipe.export.torchscript
         )
+        md_record = final_md_check(model, recipe, splits, out)
         wall = time.perf_counter() - started
-        write_report(out, recipe, info, splits, metrics, zero_shot, history, e0s, files, wall)
+        write_report(out, recipe, info, splits, metrics, zero_shot, history, e0s, files, wall, md_record)
         tracker.log_final(out, metrics, files, model_metadata(recipe, info, history.best_epoch))
     except BaseException:
         run_record["status"] = "failed"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -164,6 +165,9 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "best_state": self.best_state,
             "history": self.history.__dict__,
+            # Shuffling is seeded by (seed, epoch) and nothing else draws random numbers today; the
+            # generators are saved anyway so that anything stochastic added later resumes exactly.
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         }
 
     def save_checkpoint(self, epoch: int) -> Path:
@@ -186,7 +190,15 @@ class Trainer:
                 log.warning("checkpoint %s unreadable (%s); trying the previous one", path, type(exc).__name__)
                 continue
             if state.get("format") != CHECKPOINT_FORMAT:
-                raise RunError(f"{path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}")
+                raise RunError(
+                    f"{path}: checkpoint format {state.get('format')} is not {CHECKPOINT_FORMAT}; "
+                    "resume with the mace_mf version that wrote it, or start a new --out"
+                )
+            if state["seed"] != self.recipe.seed:
+                raise RunError(
+                    f"{path}: written with seed {state['seed']}, the recipe says {self.recipe.seed}; "
+                    "resume with the same seed (the data split depends on it)"
+                )
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
@@ -194,6 +206,10 @@ class Trainer:
                 self.ema.load_state_dict(state["ema"])
             self.best_state = state["best_state"]
             self.history = History(**state["history"])
+            if state.get("rng") is not None:
+                torch.set_rng_state(state["rng"]["torch"].cpu())
+                np.random.set_state(state["rng"]["numpy"])
+                random.setstate(state["rng"]["python"])
             self.start_epoch = state["epoch"] + 1
             log.info("resumed from %s (epoch %d)", path.name, state["epoch"])
             return True
@@ -221,14 +237,13 @@ class Trainer:
                 loss = loss + penalty
                 terms["c0"] = penalty.detach()
             if not torch.isfinite(loss):
-                raise RunError(
-                    f"training: loss is {loss.item()} at epoch {epoch}, batch {index}; lower training.lr "
-                    "or check the labels (the last good checkpoint is kept)"
-                )
+                self._diverged(f"loss is {loss.item()}", epoch, index)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+                norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
+                if not torch.isfinite(norm):
+                    self._diverged(f"gradient norm is {norm.item()}", epoch, index)
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
@@ -249,6 +264,15 @@ class Trainer:
             else:
                 out[f"{names[h]}/{TERM_NAMES[kind]}"] = value / n_batches
         return out
+
+    def _diverged(self, what: str, epoch: int, batch: int) -> None:
+        """Stop before a non-finite step reaches the weights; the checkpoints on disk stay good."""
+        latest = sorted(self.checkpoint_dir.glob("epoch-*.pt"))
+        kept = f"{latest[-1]} is kept" if latest else "no checkpoint was written yet"
+        raise RunError(
+            f"training: {what} at epoch {epoch}, batch {batch}; lower training.lr or check the labels "
+            f"and start again ({kept})"
+        )
 
     def evaluate(self, split: Split) -> dict[str, dict[str, Any]]:
         """Metrics with the EMA weights when EMA is on."""

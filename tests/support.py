@@ -124,6 +124,7 @@ def write_recipe(path: Path, foundation: Path, files: dict[str, Path], **trainin
         "data": {k: str(v) for k, v in files.items()},
         "training": {"epochs": 2, "batch_size": 4, "lr": 0.005, "target": "hi", **training},
         "export": {"torchscript": False},
+        "md_check": {"structures": 1, "steps": 5},  # the code path, cheaply; tests/test_md_check.py tests physics
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

@@ -171,7 +171,9 @@ def test_eval_command_scores_a_model_file(tmp_path, short_run, two_fidelity_file
 def test_quickstart_recipe_runs_on_the_bundled_demo(tmp_path):
     from support import ROOT
 
-    recipe = load_recipe(ROOT / "recipes" / "quickstart.yaml", ["training.epochs=1", "export.torchscript=false"])
+    recipe = load_recipe(
+        ROOT / "recipes" / "quickstart.yaml", ["training.epochs=1", "export.torchscript=false", "md_check.steps=5"]
+    )
     out = train_run(recipe, tmp_path / "quickstart")
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"]["dft"]["n_f"] == 40 and metrics["test"]["xtb"]["n_e"] == 40

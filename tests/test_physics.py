@@ -1,0 +1,206 @@
+"""Physical sanity of what mace_mf trains and exports, checked the same way on both.
+
+Every check runs on two evaluators of one fine-tuned run: mace_mf's own shared-backbone forward on
+the multi-head model (what training optimises) and stock ``MACECalculator`` on the exported
+single-head file (what a user runs). Checks: energies invariant and forces equivariant under rigid
+motions, invariance under permuting atoms, forces equal to central finite differences of the
+energy, energy and forces continuous where a pair crosses the cutoff, and an isolated atom's
+energy equal to its head's E0.
+
+The foundation here has the standard MACE layout (a first interaction without a residual
+connection, zero shift), under which an isolated atom has no learned energy. With a residual first
+layer -- as in ``tests/support.py``'s tiny model and the demo foundation -- an isolated atom's
+energy is E0 plus a learned self-energy, so that check would not apply.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from ase import Atoms
+from ase.build import molecule
+from mace.tools import AtomicNumberTable
+from support import write_recipe
+
+from mace_mf.data import Labels, batch_dict, to_graph
+from mace_mf.heads import fidelity_energies, fidelity_forces, head_names
+from mace_mf.recipe import load_recipe
+from mace_mf.run import train_run
+
+HEAD = "hi"
+
+
+def build_standard_tiny_mace() -> torch.nn.Module:
+    """A small ScaleShiftMACE laid out as ``mace_run_train`` builds them (H, C, N, O)."""
+    from e3nn import o3
+    from mace.modules import blocks
+    from mace.modules.models import ScaleShiftMACE
+
+    torch.manual_seed(1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return ScaleShiftMACE(
+            r_max=4.0,
+            num_bessel=6,
+            num_polynomial_cutoff=5,
+            max_ell=2,
+            interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
+            interaction_cls_first=blocks.RealAgnosticInteractionBlock,
+            num_interactions=2,
+            num_elements=4,
+            hidden_irreps=o3.Irreps("8x0e+8x1o"),
+            MLP_irreps=o3.Irreps("8x0e"),
+            gate=torch.nn.functional.silu,
+            atomic_energies=np.array([-13.6, -1029.0, -1485.0, -2042.0]),
+            avg_num_neighbors=4.0,
+            atomic_numbers=[1, 6, 7, 8],
+            correlation=2,
+            radial_type="bessel",
+            atomic_inter_scale=1.2,
+            atomic_inter_shift=0.0,
+        )
+    finally:
+        torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, two_fidelity_files):
+    """One short real fine-tune of the standard-layout foundation."""
+    folder = tmp_path_factory.mktemp("physics")
+    foundation = folder / "standard.model"
+    torch.save(build_standard_tiny_mace(), foundation)
+    path = write_recipe(folder / "recipe.yaml", foundation, two_fidelity_files, epochs=1)
+    tree = yaml.safe_load(path.read_text())
+    tree["md_check"] = {"enabled": False}
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return train_run(load_recipe(path), folder / "out")
+
+
+class MaceMfForward:
+    """mace_mf's training forward (one backbone pass, any head) on the multi-head model."""
+
+    def __init__(self, path):
+        self.model = torch.load(path, weights_only=False)
+        self.heads = head_names(self.model)
+        self.h = self.heads.index(HEAD)
+        self.z_table = AtomicNumberTable([int(z) for z in self.model.atomic_numbers])
+        self.r_max = float(self.model.r_max)
+        self.e0 = torch.atleast_2d(self.model.atomic_energies_fn.atomic_energies)[self.h].detach().numpy()
+
+    def __call__(self, atoms: Atoms) -> tuple[float, np.ndarray]:
+        from mace.tools.torch_geometric import Batch
+
+        labels = Labels([None] * len(self.heads), [None] * len(self.heads))
+        graph = to_graph(atoms, labels, self.z_table, self.r_max, self.heads, torch.float64)
+        data = batch_dict(Batch.from_data_list([graph]))
+        energies = fidelity_energies(self.model, data, [self.h])
+        (forces,) = fidelity_forces(energies, data["positions"], [0], create_graph=False)
+        return float(energies[0, 0]), forces.detach().numpy()
+
+
+class StockCalculator:
+    """Stock ``MACECalculator`` on the exported single-head file."""
+
+    def __init__(self, path):
+        from mace.calculators import MACECalculator
+
+        self.calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
+        model = self.calc.models[0]
+        self.r_max = float(model.r_max)
+        self.e0 = torch.atleast_2d(model.atomic_energies_fn.atomic_energies)[0].detach().numpy()
+        self.z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+
+    def __call__(self, atoms: Atoms) -> tuple[float, np.ndarray]:
+        atoms = atoms.copy()
+        atoms.calc = self.calc
+        return float(atoms.get_potential_energy()), atoms.get_forces()
+
+
+@functools.cache
+def _evaluator(kind: str, folder: str):
+    from pathlib import Path
+
+    models = Path(folder) / "models"
+    return MaceMfForward(models / "multihead.model") if kind == "mace_mf" else StockCalculator(models / f"{HEAD}.model")
+
+
+@pytest.fixture(params=["mace_mf", "exported"])
+def evaluate(request, run):
+    return _evaluator(request.param, str(run))
+
+
+def rattled(name: str, seed: int) -> Atoms:
+    atoms = molecule(name)
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+def test_rigid_motion_keeps_energy_and_rotates_forces(evaluate):
+    atoms = rattled("CH3OH", 1)
+    e0, f0 = evaluate(atoms)
+    rotation = np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0]
+    rotation *= np.sign(np.linalg.det(rotation))
+    moved = atoms.copy()
+    moved.positions = atoms.positions @ rotation.T + np.array([3.1, -1.7, 0.4])
+    e1, f1 = evaluate(moved)
+    assert e1 == pytest.approx(e0, abs=1e-9)
+    np.testing.assert_allclose(f1, f0 @ rotation.T, atol=1e-9)
+    assert np.abs(f0).max() > 1e-3  # the forces compared are not trivially zero
+
+
+def test_permuting_atoms_keeps_energy_and_permutes_forces(evaluate):
+    atoms = rattled("CH3CHO", 3)
+    order = np.random.default_rng(4).permutation(len(atoms))
+    e0, f0 = evaluate(atoms)
+    e1, f1 = evaluate(atoms[order])
+    assert e1 == pytest.approx(e0, abs=1e-9)
+    np.testing.assert_allclose(f1, f0[order], atol=1e-9)
+
+
+def test_forces_are_central_finite_differences_of_the_energy(evaluate):
+    atoms = rattled("HCOOH", 5)
+    _, forces = evaluate(atoms)
+    step = 1e-4
+    numeric = np.zeros_like(forces)
+    for i in range(len(atoms)):
+        for k in range(3):
+            energies = []
+            for sign in (1.0, -1.0):
+                moved = atoms.copy()
+                moved.positions[i, k] += sign * step
+                energies.append(evaluate(moved)[0])
+            numeric[i, k] = -(energies[0] - energies[1]) / (2 * step)
+    np.testing.assert_allclose(forces, numeric, atol=1e-6)
+
+
+def _dimer(distance: float) -> Atoms:
+    return Atoms("OH", positions=[[0.0, 0.0, 0.0], [distance, 0.0, 0.0]])
+
+
+def test_energy_and_forces_are_continuous_at_the_cutoff(evaluate):
+    r_max = evaluate.r_max
+    inside_e, inside_f = evaluate(_dimer(r_max - 1e-6))
+    outside_e, outside_f = evaluate(_dimer(r_max + 1e-6))
+    separate = evaluate(Atoms("O"))[0] + evaluate(Atoms("H"))[0]
+    assert inside_e == pytest.approx(outside_e, abs=1e-9)
+    assert outside_e == pytest.approx(separate, abs=1e-9)  # beyond the cutoff nothing interacts
+    assert np.abs(inside_f).max() < 1e-6 and np.abs(outside_f).max() == 0.0
+    near_e, _ = evaluate(_dimer(r_max - 1.0))
+    assert abs(near_e - separate) > 1e-6  # inside, the pair does interact: the test can fail
+
+
+def test_isolated_atom_energy_is_the_heads_e0(evaluate, run):
+    multihead = torch.load(run / "models" / "multihead.model", weights_only=False)
+    h = head_names(multihead).index(HEAD)
+    fitted = torch.atleast_2d(multihead.atomic_energies_fn.atomic_energies)[h].detach().numpy()
+    np.testing.assert_allclose(evaluate.e0, fitted)  # the exported file carries the head's fitted E0s
+    for i, z in enumerate(evaluate.z_table.zs):
+        energy, forces = evaluate(Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]]))
+        assert energy == pytest.approx(float(evaluate.e0[i]), abs=1e-10), z
+        assert np.abs(forces).max() == 0.0
+    assert not np.allclose(evaluate.e0, [-13.6, -1029.0, -1485.0, -2042.0])  # refitted, not the foundation's
