@@ -328,10 +328,6 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
-        if isinstance(code, int):  # a command's typer.Exit(code), returned in non-standalone mode
-            return code
-
         result = command.main(args=argv, prog_name="mace-mf", standalone_mode=False)
     except UserError as exc:
         if _state["debug"]:
@@ -349,7 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         err.print("interrupted; continue with --resume --out <run folder>")
         return 130
-    return result if isinstance(result, int) else 0  # click returns typer.Exit's code here
+    # In non-standalone mode click returns a command's typer.Exit(code) instead of raising it.
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_ARMS = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf-independent,mf-delta,mf-tied,mf-prior,mf"
+FULL_ARMS = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf-independent,mf-tied,mf-prior,mf"  # mf: delta, the default
 QUICK = ["data.max_train=300", "training.epochs=3"]
 
 
