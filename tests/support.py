@@ -52,11 +52,17 @@ def build_tiny_mace() -> torch.nn.Module:
 
 @functools.cache
 def _tiny_mace() -> torch.nn.Module:
+    return tiny_scale_shift_mace(residual_first=True, seed=0)
+
+
+def tiny_scale_shift_mace(residual_first: bool, seed: int) -> torch.nn.Module:
+    """A small float64 ScaleShiftMACE (H, C, N, O); ``residual_first=False`` is the layout
+    ``mace_run_train`` builds (no residual in the first interaction)."""
     from e3nn import o3
     from mace.modules import blocks
     from mace.modules.models import ScaleShiftMACE
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -66,7 +72,9 @@ def _tiny_mace() -> torch.nn.Module:
             num_polynomial_cutoff=5,
             max_ell=2,
             interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
-            interaction_cls_first=blocks.RealAgnosticResidualInteractionBlock,
+            interaction_cls_first=(
+                blocks.RealAgnosticResidualInteractionBlock if residual_first else blocks.RealAgnosticInteractionBlock
+            ),
             num_interactions=2,
             num_elements=4,
             hidden_irreps=o3.Irreps("8x0e+8x1o"),

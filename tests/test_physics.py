@@ -24,7 +24,7 @@ import yaml
 from ase import Atoms
 from ase.build import molecule
 from mace.tools import AtomicNumberTable
-from support import write_recipe
+from support import tiny_scale_shift_mace, write_recipe
 
 from mace_mf.data import Labels, batch_dict, to_graph
 from mace_mf.heads import fidelity_energies, fidelity_forces, head_names
@@ -36,36 +36,7 @@ HEAD = "hi"
 
 def build_standard_tiny_mace() -> torch.nn.Module:
     """A small ScaleShiftMACE laid out as ``mace_run_train`` builds them (H, C, N, O)."""
-    from e3nn import o3
-    from mace.modules import blocks
-    from mace.modules.models import ScaleShiftMACE
-
-    torch.manual_seed(1)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        return ScaleShiftMACE(
-            r_max=4.0,
-            num_bessel=6,
-            num_polynomial_cutoff=5,
-            max_ell=2,
-            interaction_cls=blocks.RealAgnosticResidualInteractionBlock,
-            interaction_cls_first=blocks.RealAgnosticInteractionBlock,
-            num_interactions=2,
-            num_elements=4,
-            hidden_irreps=o3.Irreps("8x0e+8x1o"),
-            MLP_irreps=o3.Irreps("8x0e"),
-            gate=torch.nn.functional.silu,
-            atomic_energies=np.array([-13.6, -1029.0, -1485.0, -2042.0]),
-            avg_num_neighbors=4.0,
-            atomic_numbers=[1, 6, 7, 8],
-            correlation=2,
-            radial_type="bessel",
-            atomic_inter_scale=1.2,
-            atomic_inter_shift=0.0,
-        )
-    finally:
-        torch.set_default_dtype(previous)
+    return tiny_scale_shift_mace(residual_first=False, seed=1)
 
 
 @pytest.fixture(scope="module")
