@@ -9,6 +9,11 @@ closure = (F_RMSE(sf-high-e) − F_RMSE(arm)) / (F_RMSE(sf-high-e) − F_RMSE(sf
 the benefit of high-level forces that an arm recovers without them (1 = as good as the oracle,
 0 = no better than energies alone, < 0 = worse than energies alone).
 
+Where validation/test configurations carry both levels' forces, the benchmark also scores the
+low-level *labels* as if they were a model of the high level (``label_gap``). A model whose high
+head only inherits the low level's forces cannot do better than that, so it bounds what coupling
+alone can recover; anything beyond it must come from the high-level energies.
+
 Runs live in ``<out>/<arm>/seed<k>[/frac<f>]``; a finished run (``run.json`` status complete) is
 never rerun, so an interrupted benchmark continues where it stopped.
 """
@@ -24,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from mace_mf.data import read_frames
 from mace_mf.errors import RecipeError
 from mace_mf.files import atomic_write_text
 from mace_mf.recipe import Recipe, load_recipe
@@ -158,6 +164,54 @@ def summarise(scores: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
     return summary
 
 
+def label_gap(recipe: Recipe, low: str, high: str) -> dict[str, dict[str, float]]:
+    """Per split, the low-level force labels scored against the high-level ones (where both exist).
+
+    Labels computed on the fly (``fidelities.*.labels``) are read from the benchmark's shared label
+    cache, which the arms' runs have filled, so nothing is recomputed here.
+    """
+    from mace_mf.labelling import label_recipe_data
+
+    cache = Path(recipe.data.label_cache) if recipe.data.label_cache else Path("label-cache")
+    data_recipe, _ = label_recipe_data(recipe, cache)
+    names = list(recipe.fidelities)
+    lo, hi = names.index(low), names.index(high)
+    gaps: dict[str, dict[str, float]] = {}
+    for split in ("valid", "test"):
+        paths = getattr(data_recipe.data, split)
+        if paths is None:
+            continue
+        frames = read_frames(paths, recipe.fidelities, recipe.data.format)
+        pairs = [(f.labels.forces[lo], f.labels.forces[hi]) for f in frames]
+        diffs = [a - b for a, b in pairs if a is not None and b is not None]
+        if diffs:
+            d = np.concatenate(diffs)
+            gaps[split] = {
+                "f_rmse_meV_A": float(np.sqrt(np.mean(d**2)) * 1000.0),
+                "f_mae_meV_A": float(np.mean(np.abs(d)) * 1000.0),
+                "configs": len(diffs),
+            }
+    return gaps
+
+
+def gap_line(gaps: dict[str, dict[str, float]], summary: dict[str, dict[str, Any]], low: str, high: str) -> str:
+    """The label gap and the closure the low-level labels themselves would score."""
+    parts = []
+    for split, gap in gaps.items():
+        lo = summary.get("sf-high-e", {}).get(f"{split}/f_rmse_meV_A")
+        hi = summary.get("sf-high-ef", {}).get(f"{split}/f_rmse_meV_A")
+        closure = ""
+        if lo is not None and hi is not None and not math.isclose(lo, hi):
+            closure = f", closure {(lo - gap['f_rmse_meV_A']) / (lo - hi):.2f}"
+        parts.append(f"{split} F RMSE {gap['f_rmse_meV_A']:.0f} meV/Å ({gap['configs']} configurations{closure})")
+    if not parts:
+        return ""
+    return (
+        f"{low} force labels scored as a model of {high}: " + "; ".join(parts) + ". A high head that only "
+        f"inherits {low} forces cannot beat this; the rest must come from the {high} energies."
+    )
+
+
 def _fmt(mean: float | None, std: float | None = None, digits: int = 0) -> str:
     if mean is None:
         return "–"
@@ -250,6 +304,9 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every (arm, seed[, fraction]) not yet complete; write results.json and results.md."""
     base = load_recipe(recipe_file, common)
+    if base.data.label_cache is None:  # one cache for every arm: labels computed on the fly are computed once
+        common = [*common, f"data.label_cache={(out / 'label-cache').resolve()}"]
+        base = load_recipe(recipe_file, common)
     high = high or base.target
     others = [f for f in base.fidelities if f != high]
     low = low or (others[0] if others else None)
@@ -268,6 +325,7 @@ def run_benchmark(
         scores.setdefault(key, []).append({"seed": seed, **_score(path, high)})
     summary = summarise(scores)
     mf_arm = next((a for a in ("mf", *arm_names) if a in summary and a.startswith("mf")), "mf")
+    gaps = label_gap(base, low, high)
     result = {
         "recipe": str(recipe_file),
         "low": low,
@@ -276,10 +334,15 @@ def run_benchmark(
         "arms": {a.name: {"overrides": list(a.overrides), "description": a.description} for a in arms.values()},
         "runs": scores,
         "summary": summary,
+        "label_gap": gaps,
         "verdict": verdict(summary, mf_arm),
     }
+    gap_text = gap_line(gaps, summary, low, high)
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
-    atomic_write_text(out / "results.md", markdown_table(summary, high, arms) + "\n" + result["verdict"] + "\n")
+    atomic_write_text(
+        out / "results.md",
+        markdown_table(summary, high, arms) + "\n" + (gap_text + "\n\n" if gap_text else "") + result["verdict"] + "\n",
+    )
     if any(f < 1.0 for f in fractions):
         learning_curve_plot(summary, fraction_arms, high, out / "learning_curve.png")
     return result

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import ase.io
+import numpy as np
 import pytest
 from support import write_recipe
 from test_run import stock_eval
@@ -31,12 +33,20 @@ def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_f
     frac = load_recipe(out / "mf-delta" / "seed0" / "frac0.5" / "recipe.resolved.yaml")
     assert frac.fidelities["hi"].label_fraction == 0.5 and frac.fidelities["hi"].coupling == "delta"
     assert "multi-fidelity" in result["verdict"]
+    # the lo force labels scored against the hi ones, straight from the test file
+    frames = ase.io.read(two_fidelity_files["test"], ":")
+    diff = np.concatenate([a.arrays["lo_forces"] - a.arrays["hi_forces"] for a in frames])
+    gap = result["label_gap"]["test"]
+    assert gap["f_rmse_meV_A"] == pytest.approx(1000 * np.sqrt(np.mean(diff**2)))
+    assert gap["configs"] == len(frames)
+    assert "lo force labels scored as a model of hi" in (out / "results.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
     assert len(stamps) == 4
     again = run_benchmark(*args)
     assert {p: p.stat().st_mtime_ns for p in out.rglob("run.json")} == stamps
     assert again["summary"] == summary
     assert (out / "results.md").read_text().startswith("| arm |")
+    assert again["label_gap"] == result["label_gap"]
     assert (out / "learning_curve.png").stat().st_size > 0
 
 
