@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,24 @@ def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, 
     started = (path / "run.json").is_file() or (path / "checkpoints").is_dir()
     train_run(recipe, path, recipe_file, resume=started, overwrite=False)
     return path
+
+
+def _log_to_stderr(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s")
+
+
+def _run_jobs(
+    recipe_file: Path, jobs: list[tuple[Arm, int, float]], high: str, out: Path, common: list[str], workers: int
+) -> list[Path]:
+    """Run folders of ``jobs`` in order, trained one by one or ``workers`` at a time."""
+    if workers <= 1:
+        return [run_arm(recipe_file, arm, seed, fraction, high, out, common) for arm, seed, fraction in jobs]
+    # spawn, not fork: a forked child would inherit torch's thread pools and any open files mid-write.
+    context = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_log_to_stderr, initargs=(level,)) as pool:
+        futures = [pool.submit(run_arm, recipe_file, arm, seed, f, high, out, common) for arm, seed, f in jobs]
+        return [future.result() for future in futures]
 
 
 def _score(path: Path, high: str) -> dict[str, Any]:
@@ -301,8 +321,13 @@ def run_benchmark(
     common: list[str],
     low: str | None = None,
     high: str | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Run every (arm, seed[, fraction]) not yet complete; write results.json and results.md."""
+    """Run every (arm, seed[, fraction]) not yet complete; write results.json and results.md.
+
+    ``workers`` > 1 trains that many runs at once, each in its own process (give each
+    ``num_threads=1``); the runs are independent, so the results do not depend on it.
+    """
     base = load_recipe(recipe_file, common)
     if base.data.label_cache is None:  # one cache for every arm: labels computed on the fly are computed once
         common = [*common, f"data.label_cache={(out / 'label-cache').resolve()}"]
@@ -319,8 +344,7 @@ def run_benchmark(
     jobs = [(arms[a], s, 1.0) for a in arm_names for s in seeds]
     jobs += [(arms[a], s, f) for f in fractions if f < 1.0 for a in fraction_arms for s in seeds]
     scores: dict[str, list[dict[str, Any]]] = {}
-    for arm, seed, fraction in jobs:
-        path = run_arm(recipe_file, arm, seed, fraction, high, out, common)
+    for (arm, seed, fraction), path in zip(jobs, _run_jobs(recipe_file, jobs, high, out, common, workers), strict=True):
         key = arm.name if fraction >= 1.0 else f"{arm.name}@{fraction:g}"
         scores.setdefault(key, []).append({"seed": seed, **_score(path, high)})
     summary = summarise(scores)

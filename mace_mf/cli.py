@@ -180,6 +180,7 @@ def bench(
     fraction_arms: Annotated[str, typer.Option(help="Arms run at every fraction.")] = "sf-high-e,mf",
     low: Annotated[str | None, typer.Option(help="Low fidelity (default: the first non-target).")] = None,
     high: Annotated[str | None, typer.Option(help="High fidelity (default: training.target).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Runs trained at once, one process each.")] = 1,
     set_: SetOption = None,
 ) -> None:
     """Train the comparison arms (energies only, oracle, low only, multi-fidelity) and say whether
@@ -196,6 +197,7 @@ def bench(
         list(set_ or []),
         low,
         high,
+        workers,
     )
     sys.stdout.write((out / "results.md").read_text())
 

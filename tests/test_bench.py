@@ -19,7 +19,7 @@ def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_f
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=1)
     out = tmp_path / "bench"
     args = (recipe, out, ["sf-high-e", "sf-high-ef", "mf-delta"], [0], [1.0, 0.5], ["mf-delta"], [])
-    result = run_benchmark(*args)
+    result = run_benchmark(*args, workers=2)  # two runs at a time, in spawned processes
     summary = result["summary"]
     assert set(summary) == {"sf-high-e", "sf-high-ef", "mf-delta", "mf-delta@0.5"}
     assert summary["sf-high-e"]["valid/closure"] == pytest.approx(0.0)
@@ -42,7 +42,7 @@ def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_f
     assert "lo force labels scored as a model of hi" in (out / "results.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
     assert len(stamps) == 4
-    again = run_benchmark(*args)
+    again = run_benchmark(*args)  # one process: same runs, nothing retrained
     assert {p: p.stat().st_mtime_ns for p in out.rglob("run.json")} == stamps
     assert again["summary"] == summary
     assert (out / "results.md").read_text().startswith("| arm |")
