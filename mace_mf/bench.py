@@ -329,7 +329,8 @@ def run_benchmark(
     ``num_threads=1``); the runs are independent, so the results do not depend on it.
     """
     base = load_recipe(recipe_file, common)
-    if base.data.label_cache is None:  # one cache for every arm: labels computed on the fly are computed once
+    labelled = any(spec.labels is not None for spec in base.fidelities.values())
+    if labelled and base.data.label_cache is None:  # one cache for every arm: on-the-fly labels computed once
         common = [*common, f"data.label_cache={(out / 'label-cache').resolve()}"]
         base = load_recipe(recipe_file, common)
     high = high or base.target
