@@ -208,7 +208,7 @@ def upstream_command(
         "default_dtype": recipe.dtype,
         "foundation_model": foundation_file,
         "multiheads_finetuning": False,
-        "heads": repr(heads),
+        "heads": json.dumps(heads),  # a dict literal (upstream reads it with ast.literal_eval)
         "loss": "weighted",
         "energy_weight": 1.0,
         "forces_weight": 1.0,
