@@ -83,14 +83,14 @@ _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) \w+: (Initial|
 class UpstreamRun:
     """What one ``mace_run_train`` run produced and how long it took."""
 
-    model: Path
-    command: list[str]
-    log: Path
-    heads: list[str]
-    setup_s: float
-    epoch_s: list[float]
-    wall_s: float
-    not_expressed: list[str] = field(default_factory=list)
+    model: Path  # the final (best-epoch) multi-head model, heads named as the fidelities
+    command: list[str]  # argv of the subprocess
+    log: Path  # its captured stdout/stderr; upstream's own log is in ``logs/`` beside it
+    heads: list[str]  # upstream head order (the target last)
+    setup_s: float  # process start to the end of the validation pass before training
+    epoch_s: list[float]  # per epoch: training plus validation of every head
+    wall_s: float  # the whole subprocess
+    not_expressed: list[str] = field(default_factory=list)  # recipe settings upstream cannot apply
 
     @property
     def first_epoch_s(self) -> float | None:
