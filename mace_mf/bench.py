@@ -46,10 +46,12 @@ class Arm:
     name: str
     overrides: tuple[str, ...]
     description: str
+    runner: str = "mace_mf"  # or "mace_run_train": upstream mace-torch (mace_mf.upstream)
 
 
 def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
-    """The arms of the seed paper's comparison plus one per coupling option of issue 8."""
+    """The arms of the seed paper's comparison, one per coupling option of issue 8, and upstream's
+    own multi-head fine-tuning (``mace-mh``: the recipe as written, run by ``mace_run_train``)."""
     lo, hi = f"fidelities.{low}", f"fidelities.{high}"
     w_f = recipe.fidelities[low].forces_weight or 10.0
     off_low = (f"{lo}.energy_weight=0", f"{lo}.forces_weight=0", f"{hi}.base=null", f"{hi}.coupling=independent")
@@ -84,6 +86,12 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
             (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=independent", f"{hi}.base_forces_weight=1.0"),
             f"independent heads + {low} forces as a prior on {high} (weight 1)",
         ),
+        Arm(
+            "mace-mh",
+            (),
+            "upstream mace_run_train multi-head fine-tuning: one head per fidelity, same data and weights",
+            runner="mace_run_train",
+        ),
     ]
     return {a.name: a for a in arms}
 
@@ -117,6 +125,11 @@ def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, 
     if fraction < 1.0:
         overrides.append(f"fidelities.{high}.label_fraction={fraction}")
     recipe = load_recipe(recipe_file, overrides)
+    if arm.runner == "mace_run_train":
+        from mace_mf.upstream import upstream_arm
+
+        log.info("%s: training with mace_run_train (%s)", path, arm.description)
+        return upstream_arm(recipe, path)
     recipe = recipe.model_copy(
         update={"export": recipe.export.model_copy(update={"multihead": False, "torchscript": False})}
     )

@@ -99,8 +99,12 @@ class Splits:
         return result
 
 
-def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Splits:
-    """Read, check and split the data; build graphs once for the whole run."""
+def select_frames(recipe: Recipe, info: FoundationInfo) -> tuple[list[Frame], list[Frame], list[Frame] | None]:
+    """Read, check and split the data into (train, valid, test) frames, label subsets applied.
+
+    The one definition of which geometries and labels a recipe trains, selects and scores on;
+    the upstream comparison arm (mace_mf.upstream) writes its files from it.
+    """
     specs = recipe.fidelities
     d = recipe.data
     train = read_frames(d.train, specs, d.format)
@@ -133,6 +137,13 @@ def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Spl
             f"training.target: fidelity {target!r} has no labels in the validation data; "
             "label it there or choose another target"
         )
+    return train, valid, test
+
+
+def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Splits:
+    """Read, check and split the data; build graphs once for the whole run."""
+    specs = recipe.fidelities
+    train, valid, test = select_frames(recipe, info)
     z_table = AtomicNumberTable(list(info.atomic_numbers))
     heads = list(specs)
     return Splits(

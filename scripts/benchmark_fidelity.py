@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FULL_ARMS = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf-independent,mf-tied,mf-prior,mf"  # mf: delta, the default
+# mf: delta, the default; mace-mh: upstream mace_run_train with one head per fidelity
+FULL_ARMS = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf-independent,mf-tied,mf-prior,mf,mace-mh"
 QUICK = ["data.max_train=300", "training.epochs=3"]
 
 
