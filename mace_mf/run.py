@@ -272,10 +272,11 @@ def train_run(
     """
     started = time.perf_counter()
     with session(resolve_device(recipe.device)) as dist:
+        local_batch_size(recipe.training.batch_size, dist)  # every rank refuses, before any folder exists
         if not dist.is_main:
             status, previous = broadcast(dist, None)
             if status != "claimed":
-                raise RunError(f"{out}: rank 0 refused the run ({status}); see its error")
+                raise RunError(f"{out}: rank 0 stopped before training; its error above says why")
             _train_run(recipe, out, recipe_file, previous, started, dist)
             return out
         fresh = not out.exists()
@@ -373,7 +374,6 @@ def _train_run(
         torch.set_num_threads(recipe.num_threads)
     dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
     device = local_device(resolve_device(recipe.device), dist)
-    local_batch_size(recipe.training.batch_size, dist)
     with rank0_first(dist):  # a named foundation is downloaded once
         foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
     log.info(
