@@ -40,6 +40,7 @@ import torch.distributed as tdist
 from mace.data import AtomicData
 
 from mace_mf.errors import RecipeError, RunError
+from mace_mf.evaluate import Predictions
 
 log = logging.getLogger(__name__)
 
@@ -203,9 +204,8 @@ def rank_batches(graphs: list[AtomicData], batch_size: int, seed: int, dist: Dis
     return result
 
 
-def concatenate_predictions(parts: list[Any]) -> Any:
-    """One :class:`mace_mf.evaluate.Predictions` from the shards' predictions, in rank order."""
-    first = parts[0]
+def concatenate_predictions(parts: list[Predictions]) -> Predictions:
+    """One split's predictions from its shards' predictions, in rank order."""
     energies = np.concatenate([p.energies for p in parts])
-    forces = [[f for p in parts for f in p.forces[h]] for h in range(len(first.forces))]
-    return type(first)(energies, forces)
+    forces = [[f for p in parts for f in p.forces[h]] for h in range(len(parts[0].forces))]
+    return Predictions(energies, forces)
