@@ -69,10 +69,16 @@ def train(
     recipe = load_recipe(recipe_file, overrides)
     if resume and out is None:
         raise RunError("--resume needs --out pointing at the run folder to continue")
+    from mace_mf.distributed import from_env
     from mace_mf.run import default_out, train_run  # torch and mace: seconds, so after the recipe is checked
 
+    dist = from_env()
+    if dist.enabled and out is None:
+        raise RunError("--out: under torchrun every process must name the same folder; give --out")
     target = out or default_out(recipe)
     train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
+    if not dist.is_main:  # rank 0 writes and reports
+        return
     metrics = json.loads((target / "metrics.json").read_text())
     Console().print(metrics_rich_table(metrics))
     err.print(f"[green]done[/green]: {target}/report.md")

@@ -40,9 +40,13 @@ class Weights:
         return own or (self.prior(head) > 0.0 and base is not None and bool(forces_mask[:, base].any()))
 
 
-def masked_mse(error: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``error²`` over entries where ``mask`` is 1; 0 (with a graph) when none are."""
-    count = mask.sum()
+def masked_mse(error: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of ``error²`` over entries where ``mask`` is 1; 0 (with a graph) when none are.
+
+    ``count``: the denominator when it is not this batch's own mask sum (one shard of a batch split
+    across processes divides by the whole batch's count, so that the shards' terms add up).
+    """
+    count = mask.sum() if count is None else count
     return (error.square() * mask).sum() / count.clamp(min=1.0)
 
 
@@ -57,25 +61,59 @@ def node_force_mask(data: dict[str, torch.Tensor], head: int) -> torch.Tensor:
     return data["mf_forces_mask"][data["batch"], head].unsqueeze(1)
 
 
+def term_keys(weights: Weights) -> list[str]:
+    """Every loss term a batch can have, in a fixed order (``e<h>``, then ``f<h>``, ``p<h>``)."""
+    keys = [f"e{h}" for h in range(len(weights.energy))]
+    for h in weights.force_heads():
+        if weights.forces[h] > 0.0:
+            keys.append(f"f{h}")
+        if weights.prior(h) > 0.0:
+            keys.append(f"p{h}")
+    return keys
+
+
+def term_counts(data: dict[str, torch.Tensor], weights: Weights) -> torch.Tensor:
+    """Each term's label count in this batch (:func:`term_keys` order): its MSE's denominator.
+
+    Summed over the shards of a batch split across processes, these are the whole batch's
+    denominators, which :func:`multi_fidelity_loss` then takes as ``counts``.
+    """
+    node_forces = data["mf_forces_mask"][data["batch"]]  # [n_nodes, H]
+    values = [data["mf_energy_mask"][:, h].sum() for h in range(len(weights.energy))]
+    for h in weights.force_heads():
+        own = node_forces[:, h] if weights.forces[h] > 0.0 else torch.zeros_like(node_forces[:, h])
+        if weights.forces[h] > 0.0:
+            values.append(3.0 * own.sum())
+        base = weights.base[h] if weights.base else None
+        if weights.prior(h) > 0.0 and base is not None:
+            values.append(3.0 * (node_forces[:, base] * (1.0 - own)).sum())
+    return torch.stack(values)
+
+
 def multi_fidelity_loss(
     energies: torch.Tensor,
     forces: dict[int, torch.Tensor],
     data: dict[str, torch.Tensor],
     weights: Weights,
+    counts: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Total loss and its terms (``e<h>``, ``f<h>``: unweighted MSEs, detached)."""
+    """Total loss and its terms (``e<h>``, ``f<h>``: unweighted MSEs, detached).
+
+    ``counts`` (by term key): denominators of the whole batch when ``data`` is one shard of it.
+    """
     e_err = energy_errors(energies, data)
     total = energies.new_zeros(())
     terms: dict[str, torch.Tensor] = {}
+    given = counts or {}
     for h, w_e in enumerate(weights.energy):
-        mse_e = masked_mse(e_err[:, h], data["mf_energy_mask"][:, h])
+        mse_e = masked_mse(e_err[:, h], data["mf_energy_mask"][:, h], given.get(f"e{h}"))
         terms[f"e{h}"] = mse_e.detach()
         if w_e > 0.0:
             total = total + w_e * mse_e
     for h, pred in forces.items():
         own = node_force_mask(data, h)
         if weights.forces[h] > 0.0:
-            mse_f = masked_mse(pred - data["mf_forces"][:, h], own.expand_as(pred))
+            mse_f = masked_mse(pred - data["mf_forces"][:, h], own.expand_as(pred), given.get(f"f{h}"))
             terms[f"f{h}"] = mse_f.detach()
             total = total + weights.forces[h] * mse_f
         base = weights.base[h] if weights.base else None
@@ -83,7 +121,7 @@ def multi_fidelity_loss(
             # Only where this fidelity's own force labels are not trained on: there, they rule.
             trained_own = own if weights.forces[h] > 0.0 else torch.zeros_like(own)
             mask = (node_force_mask(data, base) * (1.0 - trained_own)).expand_as(pred)
-            mse_p = masked_mse(pred - data["mf_forces"][:, base], mask)
+            mse_p = masked_mse(pred - data["mf_forces"][:, base], mask, given.get(f"p{h}"))
             terms[f"p{h}"] = mse_p.detach()
             total = total + weights.prior(h) * mse_p
     return total, terms

@@ -8,6 +8,10 @@ the run folder keeps the original paths.
 
 The run folder is owned by one run: an existing run is never overwritten unless asked
 (``overwrite``) and an interrupted one continues from its last checkpoint (``resume``).
+
+Under ``torchrun`` every process runs :func:`train_run`: rank 0 claims the folder and tells the
+others how it went, every rank builds the same model and data and trains its shard, and rank 0
+alone evaluates, exports, reports and tracks (mace_mf.distributed).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from mace.tools import AtomicNumberTable
 
 from mace_mf.coupling import apply_couplings
 from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
+from mace_mf.distributed import Dist, broadcast, local_batch_size, local_device, rank0_first, session
 from mace_mf.errors import RecipeError, RunError, UserError
 from mace_mf.evaluate import compute_metrics, parity_plot, predict
 from mace_mf.export import export_models
@@ -272,9 +277,31 @@ def final_md_check(model: torch.nn.Module, recipe: Recipe, splits: Splits, out: 
 def train_run(
     recipe: Recipe, out: Path, recipe_file: Path | None = None, resume: bool = False, overwrite: bool = False
 ) -> Path:
-    """Run a recipe into ``out``; return ``out``."""
+    """Run a recipe into ``out``; return ``out``.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process calls this; only rank 0 writes into ``out``.
+    """
     started = time.perf_counter()
-    fresh = not out.exists()
+    with session(resolve_device(recipe.device)) as dist:
+        local_batch_size(recipe.training.batch_size, dist)  # every rank refuses, before any folder exists
+        if not dist.is_main:
+            status, previous = broadcast(dist, None)
+            if status != "claimed":
+                raise RunError(f"{out}: rank 0 stopped before training; its error above says why")
+            _train_run(recipe, out, recipe_file, previous, started, dist)
+            return out
+        fresh = not out.exists()
+        try:
+            previous = _claim(recipe, out, resume, overwrite)
+        except BaseException as exc:
+            broadcast(dist, (str(exc) or type(exc).__name__, None))
+            raise
+        broadcast(dist, ("claimed", previous))
+        return _logged_run(recipe, out, recipe_file, previous, started, fresh, dist)
+
+
+def _claim(recipe: Recipe, out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Take ``out`` for this run (checking a resumed run's recipe); the earlier run's record."""
     previous = prepare_out(out, resume, overwrite)
     resolved = out / "recipe.resolved.yaml"
     if resume and resolved.is_file():
@@ -285,6 +312,19 @@ def train_run(
                 "same recipe and --set options, or start a new --out"
             )
     atomic_write_text(resolved, dump_recipe(recipe))
+    return previous
+
+
+def _logged_run(
+    recipe: Recipe,
+    out: Path,
+    recipe_file: Path | None,
+    previous: dict[str, Any] | None,
+    started: float,
+    fresh: bool,
+    dist: Dist,
+) -> Path:
+    """Rank 0's run, with ``train.log`` kept in ``out``."""
     # train.log records the run at INFO level whatever the console shows.
     package_log = logging.getLogger("mace_mf")
     file_handler = logging.FileHandler(out / "train.log")
@@ -296,7 +336,7 @@ def train_run(
     package_log.addHandler(file_handler)
     rejected = False
     try:
-        return _train_run(recipe, out, recipe_file, previous, started)
+        return _train_run(recipe, out, recipe_file, previous, started, dist)
     except UserError as exc:
         rejected = not (out / RUN_FILE).is_file()  # refused before the run began
         # The console prints the error; train.log keeps it too, for a run that leaves a folder.
@@ -310,6 +350,24 @@ def train_run(
             _unclaim(out, fresh)
 
 
+def _peer_training(
+    model: torch.nn.Module,
+    recipe: Recipe,
+    splits: Splits,
+    device: torch.device,
+    out: Path,
+    previous: dict[str, Any] | None,
+    dist: Dist,
+) -> Path:
+    """A non-zero rank's part of a run: train its shards in step with rank 0, write nothing."""
+    trainer = Trainer(model, recipe, splits.train, splits.valid, device, out / "checkpoints", None, dist)
+    if previous is not None:
+        trainer.load_checkpoint()
+    if recipe.training.epochs > 0:
+        trainer.fit()
+    return out
+
+
 def _unclaim(out: Path, fresh: bool) -> None:
     """Input rejected before anything ran: leave no folder that could pass for a run."""
     for name in ("recipe.resolved.yaml", "train.log"):
@@ -319,15 +377,16 @@ def _unclaim(out: Path, fresh: bool) -> None:
 
 
 def _train_run(
-    recipe: Recipe, out: Path, recipe_file: Path | None, previous: dict[str, Any] | None, started: float
+    recipe: Recipe, out: Path, recipe_file: Path | None, previous: dict[str, Any] | None, started: float, dist: Dist
 ) -> Path:
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     if recipe.num_threads is not None:
         torch.set_num_threads(recipe.num_threads)
     dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
-    device = resolve_device(recipe.device)
-    foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
+    device = local_device(resolve_device(recipe.device), dist)
+    with rank0_first(dist):  # a named foundation is downloaded once
+        foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
     log.info(
         "foundation %s: %d parameters, r_max %.2f Å, elements %s",
         info.source,
@@ -336,7 +395,8 @@ def _train_run(
         " ".join(info.elements),
     )
     cache_dir = Path(recipe.data.label_cache) if recipe.data.label_cache else out.resolve().parent / "label-cache"
-    data_recipe, labelled_files = label_recipe_data(recipe, cache_dir)
+    with rank0_first(dist):  # rank 0 labels into the cache, the others read it
+        data_recipe, labelled_files = label_recipe_data(recipe, cache_dir)
     splits = load_splits(data_recipe, info, dtype)
     log.info(
         "data: %d train, %d valid, %d test configurations",
@@ -351,6 +411,8 @@ def _train_run(
         add_fidelity_embedding(model)
     e0s = assign_e0s(model, single, recipe, splits.train, device)
     del foundation, single
+    if not dist.is_main:
+        return _peer_training(model, recipe, splits, device, out, previous, dist)
     tracker = make_tracker(recipe, out, recipe_file, (previous or {}).get("wandb_id"))
     run_record = {
         "status": "running",
@@ -368,7 +430,7 @@ def _train_run(
         zero_shot = evaluate_all(model, splits, recipe, device, plots=None if trains else out / "plots")
         atomic_write_text(out / "zero_shot_metrics.json", json.dumps(zero_shot, indent=2))
         trainer = Trainer(
-            model, recipe, splits.train, splits.valid, device, out / "checkpoints", on_epoch=tracker.log_epoch
+            model, recipe, splits.train, splits.valid, device, out / "checkpoints", tracker.log_epoch, dist
         )
         if previous is not None and not trainer.load_checkpoint():
             log.warning("no readable checkpoint in %s; starting from epoch 0", out / "checkpoints")

@@ -3,10 +3,15 @@
 Every epoch ends with an atomically written checkpoint holding everything needed to continue
 bit-for-bit (model, optimizer, scheduler, EMA, best weights, history); shuffling is a pure function
 of ``(seed, epoch)``, so a resumed run on CPU repeats the uninterrupted one exactly.
+
+One step's forward (energies of every head from one backbone pass, forces by autograd, the loss
+and the coupling penalty) is :class:`TrainingStep`, an ``nn.Module``: under ``torchrun`` it is
+what ``DistributedDataParallel`` wraps, so DDP's hooks see the whole forward (mace_mf.distributed).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -19,16 +24,27 @@ from typing import Any
 
 import numpy as np
 import torch
+from mace.data import AtomicData
+from mace.tools.torch_geometric import Batch, DataLoader
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch_ema import ExponentialMovingAverage
 
-from mace_mf.coupling import coupling_penalty, couplings
+from mace_mf.coupling import HeadCoupling, coupling_penalty, couplings
 from mace_mf.data import Split, batch_dict
+from mace_mf.distributed import (
+    SINGLE,
+    Dist,
+    all_gather,
+    all_reduce_sum,
+    concatenate_predictions,
+    rank_batches,
+    shard_bounds,
+)
 from mace_mf.errors import RunError
 from mace_mf.evaluate import compute_metrics, predict
 from mace_mf.files import atomic_torch_save, atomic_write_text
 from mace_mf.heads import fidelity_energies, fidelity_forces
-from mace_mf.loss import Weights, multi_fidelity_loss
+from mace_mf.loss import Weights, multi_fidelity_loss, term_counts, term_keys
 from mace_mf.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -96,6 +112,38 @@ def target_valid_loss(metrics: dict[str, dict[str, Any]], recipe: Recipe) -> flo
     return loss
 
 
+class TrainingStep(torch.nn.Module):
+    """One step's forward: ``(data loss, its terms, coupling penalty or None)`` for a batch.
+
+    The coupling penalty reads parameters only, but it is computed here, inside the forward, so that
+    under DDP it is part of the graph whose backward DDP synchronises; every process adds the same
+    penalty, and DDP's average of it is the penalty's gradient (the data loss is scaled instead).
+    """
+
+    def __init__(self, model: torch.nn.Module, weights: Weights, heads: list[int], coupled: list[HeadCoupling]) -> None:
+        super().__init__()
+        self.model = model
+        self.weights, self.heads, self.coupled = weights, heads, coupled
+        self.force_heads = weights.force_heads()
+
+    def forward(
+        self, data: dict[str, torch.Tensor], counts: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+        energies = fidelity_energies(self.model, data, self.heads)
+        trained = [h for h in self.force_heads if self.weights.needs_forces(h, data["mf_forces_mask"])]
+        forces = dict(
+            zip(trained, fidelity_forces(energies, data["positions"], trained, create_graph=True), strict=True)
+        )
+        loss, terms = multi_fidelity_loss(energies, forces, data, self.weights, counts)
+        return loss, terms, coupling_penalty(self.model, self.coupled)
+
+
+def _ddp_buffer_option() -> dict[str, bool]:
+    """Buffers (E0s, scale/shift, e3nn constants) never change in training: sync them at start only."""
+    accepted = inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in accepted else {"broadcast_buffers": False}
+
+
 class Trainer:
     """Fine-tunes a multi-head model on one training split, validating on another."""
 
@@ -108,9 +156,11 @@ class Trainer:
         device: torch.device,
         checkpoint_dir: Path,
         on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        dist: Dist = SINGLE,
     ) -> None:
         self.model, self.recipe, self.train, self.valid = model, recipe, train, valid
         self.device = device
+        self.dist = dist
         self.checkpoint_dir = checkpoint_dir
         self.on_epoch = on_epoch
         t = recipe.training
@@ -136,6 +186,10 @@ class Trainer:
         )
         self.coupled = couplings(recipe)
         self.heads = list(range(len(specs)))
+        self.step = TrainingStep(model, self.weights, self.heads, self.coupled)
+        self.term_keys = term_keys(self.weights)
+        self._ddp: torch.nn.Module | None = None
+        self._ddp_trainable: tuple[bool, ...] = ()
         groups = parameter_groups(model, t.lr, t.lr_factors)
         if not groups:
             raise RunError("training.lr_factors: every block is frozen (factor 0); nothing to train")
@@ -171,9 +225,11 @@ class Trainer:
         }
 
     def save_checkpoint(self, epoch: int) -> Path:
-        """Write ``epoch-NNNN.pt`` atomically, then point ``latest.json`` at it; keep two."""
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        """Write ``epoch-NNNN.pt`` atomically, then point ``latest.json`` at it; keep two (rank 0 only)."""
         path = self.checkpoint_dir / f"epoch-{epoch:04d}.pt"
+        if not self.dist.is_main:
+            return path
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(self._checkpoint(epoch), path)
         atomic_write_text(self.checkpoint_dir / "latest.json", json.dumps({"complete": path.name, "epoch": epoch}))
         for old in sorted(self.checkpoint_dir.glob("epoch-*.pt"))[:-2]:
@@ -216,30 +272,95 @@ class Trainer:
         return False
 
     # -- loop --------------------------------------------------------------------------------
+    def _step_module(self) -> torch.nn.Module:
+        """The step itself in one process; under torchrun, the step wrapped in DDP.
+
+        DDP fixes the parameters it synchronises when it is built, from ``requires_grad``. The
+        heads-only warm-up changes that set between epochs, so DDP is rebuilt when the set changes
+        (once per change: a broadcast of the weights, identical on every rank anyway) instead of
+        ``find_unused_parameters=True``, which would search the graph for unused parameters at
+        every step and still not synchronise parameters that were frozen when DDP was built.
+        """
+        if not self.dist.enabled:
+            return self.step
+        trainable = tuple(p.requires_grad for p in self.step.parameters())
+        if self._ddp is None or trainable != self._ddp_trainable:
+            self._ddp = None  # its reducer's hooks go with it
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self._ddp = torch.nn.parallel.DistributedDataParallel(
+                self.step, device_ids=device_ids, **_ddp_buffer_option()
+            )
+            self._ddp_trainable = trainable
+        return self._ddp
+
+    def _batches(self, epoch: int) -> DataLoader | list[list[AtomicData]]:
+        """This process's batches of ``epoch``: the whole batches, or this rank's shard of each
+        (graph lists, collated as they are used)."""
+        t = self.recipe.training
+        seed = self.recipe.seed * 100_003 + epoch
+        if not self.dist.enabled:
+            return self.train.loader(t.batch_size, shuffle=True, seed=seed)
+        return rank_batches(self.train.graphs, t.batch_size, seed, self.dist)
+
+    def _reduce_step(
+        self, loss: torch.Tensor, terms: dict[str, torch.Tensor], penalty: torch.Tensor | None
+    ) -> tuple[float, dict[str, float], bool]:
+        """The whole batch's loss and terms from this rank's shares, and whether any rank diverged."""
+        k = len(self.term_keys)
+        local = torch.zeros(2 * k + 2, dtype=torch.float64, device=loss.device)
+        local[0] = loss.detach().double()
+        for i, key in enumerate(self.term_keys):
+            if key in terms:
+                local[1 + i] = terms[key].double()
+                local[1 + k + i] = 1.0
+        finite = bool(torch.isfinite(loss)) and (penalty is None or bool(torch.isfinite(penalty)))
+        local[-1] = 0.0 if finite else 1.0
+        total = all_reduce_sum(self.dist, local).cpu()
+        values = {key: float(total[1 + i]) for i, key in enumerate(self.term_keys) if total[1 + k + i] > 0}
+        step_loss = float(total[0])
+        if penalty is not None:
+            values["c0"] = float(penalty.detach())
+            step_loss += values["c0"]
+        return step_loss, values, bool(total[-1] == 0)
+
     def train_epoch(self, epoch: int, progress: Progress | None) -> dict[str, float]:
         t = self.recipe.training
         self.model.train()
-        loader = self.train.loader(t.batch_size, shuffle=True, seed=self.recipe.seed * 100_003 + epoch)
+        sharded = self.dist.enabled
+        module = self._step_module()
+        loader = self._batches(epoch)
         task = progress.add_task(f"epoch {epoch}", total=len(loader)) if progress else None
         sums: dict[str, float] = {}
         total_loss, n_batches = 0.0, 0
-        force_heads = self.weights.force_heads()
         for index, batch in enumerate(loader):
+            if isinstance(batch, list):
+                batch = Batch.from_data_list(batch)
             data = batch_dict(batch.to(self.device))
-            energies = fidelity_energies(self.model, data, self.heads)
-            trained = [h for h in force_heads if self.weights.needs_forces(h, data["mf_forces_mask"])]
-            forces = dict(
-                zip(trained, fidelity_forces(energies, data["positions"], trained, create_graph=True), strict=True)
-            )
-            loss, terms = multi_fidelity_loss(energies, forces, data, self.weights)
-            penalty = coupling_penalty(self.model, self.coupled)
-            if penalty is not None:
-                loss = loss + penalty
-                terms["c0"] = penalty.detach()
-            if not torch.isfinite(loss):
-                self._diverged(f"loss is {loss.item()}", epoch, index)
+            counts = None
+            if sharded:  # every term's denominator is the whole batch's label count
+                reduced = all_reduce_sum(self.dist, term_counts(data, self.weights))
+                counts = dict(zip(self.term_keys, reduced, strict=True))
+            loss, terms, penalty = module(data, counts)
+            if sharded:
+                # DDP averages gradients over N ranks; each rank's share is already divided by the
+                # global count, so N × share averages to the whole batch's loss (penalty: same on all).
+                objective = loss * self.dist.world_size
+                objective = objective if penalty is None else objective + penalty
+            else:
+                if penalty is not None:
+                    loss = loss + penalty
+                    terms["c0"] = penalty.detach()
+                if not torch.isfinite(loss):
+                    self._diverged(f"loss is {loss.item()}", epoch, index)
+                objective = loss
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
+            if sharded:
+                # After the backward (the gradients are averaged, the weights untouched), so that
+                # every rank takes the same decision.
+                step_loss, values, finite = self._reduce_step(loss, terms, penalty)
+                if not finite:
+                    self._diverged("loss is not finite on some rank", epoch, index)
             if t.clip_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
                 if not torch.isfinite(norm):
@@ -247,10 +368,12 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
-            total_loss += loss.item()
+            if not sharded:
+                step_loss, values = loss.item(), {key: value.item() for key, value in terms.items()}
+            total_loss += step_loss
             n_batches += 1
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value.item()
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
             if progress is not None and task is not None:
                 progress.update(task, advance=1, description=f"epoch {epoch} loss {total_loss / n_batches:.4g}")
         if progress is not None and task is not None:
@@ -275,12 +398,22 @@ class Trainer:
         )
 
     def evaluate(self, split: Split) -> dict[str, dict[str, Any]]:
-        """Metrics with the EMA weights when EMA is on."""
+        """Metrics with the EMA weights when EMA is on.
+
+        Under torchrun each rank predicts a contiguous shard; the predictions are gathered so that
+        every rank computes the same metrics (and takes the same scheduler/early-stopping step).
+        """
+        part = split
+        if self.dist.enabled:
+            start, stop = shard_bounds(len(split), self.dist)
+            part = Split(split.name, split.fidelities, split.atoms[start:stop], split.graphs[start:stop])
         if self.ema is not None:
             with self.ema.average_parameters():
-                pred = predict(self.model, split, self.heads, self.recipe.training.eval_batch_size, self.device)
+                pred = predict(self.model, part, self.heads, self.recipe.training.eval_batch_size, self.device)
         else:
-            pred = predict(self.model, split, self.heads, self.recipe.training.eval_batch_size, self.device)
+            pred = predict(self.model, part, self.heads, self.recipe.training.eval_batch_size, self.device)
+        if self.dist.enabled:
+            pred = concatenate_predictions(all_gather(self.dist, pred))
         return compute_metrics(split, pred)
 
     def _averaged_state(self) -> dict[str, torch.Tensor]:
@@ -293,7 +426,12 @@ class Trainer:
         """Train to the recipe's epoch budget (or early stop); the best weights end up in the model."""
         t = self.recipe.training
         progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=True,
+            disable=not self.dist.is_main,
         )
         patience = t.early_stopping_patience
         with progress:
@@ -302,7 +440,7 @@ class Trainer:
                     break  # a resumed run that had already stopped early
                 set_backbone_frozen(self.model, epoch < t.freeze_backbone_epochs, t.lr_factors)
                 start = time.perf_counter()
-                train_terms = self.train_epoch(epoch, progress)
+                train_terms = self.train_epoch(epoch, progress if self.dist.is_main else None)
                 train_time = time.perf_counter() - start
                 valid = self.evaluate(self.valid)
                 valid_loss = target_valid_loss(valid, self.recipe)
@@ -338,7 +476,7 @@ class Trainer:
                 )
                 # Log before the checkpoint: an interruption in between repeats the epoch on resume
                 # (logged twice) instead of leaving it out of the tracker for good.
-                if self.on_epoch is not None:
+                if self.on_epoch is not None and self.dist.is_main:
                     self.on_epoch(record)
                 self.save_checkpoint(epoch)
                 if patience is not None and h.bad_epochs >= patience:
