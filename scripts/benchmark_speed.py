@@ -379,6 +379,24 @@ def calculators_per_second(ctx: Context, paths: dict[str, Path]) -> dict[str, di
     return {name: summary(r) for name, r in rates.items()}
 
 
+# Run in the child: the CLI, then its own high-water mark. (The rusage that wait4 reports for a child
+# is no use here: Linux carries the forking parent's peak over fork and exec into the child's maxrss.)
+RSS_CHILD = """
+import json, resource, sys
+from pathlib import Path
+from mace_mf.cli import main
+try:
+    code = main(sys.argv[2:])
+finally:
+    status = Path("/proc/self/status")
+    lines = status.read_text().splitlines() if status.is_file() else []
+    hwm = [int(line.split()[1]) for line in lines if line.startswith("VmHWM:")]
+    kib = hwm[0] if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path(sys.argv[1]).write_text(json.dumps({"peak_rss_KiB": kib, "source": "VmHWM" if hwm else "ru_maxrss"}))
+sys.exit(code)
+"""
+
+
 def peak_rss_of_training(ctx: Context) -> dict[str, Any]:
     """``mace-mf train`` (two fidelities, the subset, 1 epoch) in a child process; its peak RSS."""
     import yaml
@@ -387,16 +405,23 @@ def peak_rss_of_training(ctx: Context) -> dict[str, Any]:
     folder.mkdir(parents=True, exist_ok=True)
     recipe = folder / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(fidelity_recipe(ctx, "two")))
-    cmd = [sys.executable, "-m", "mace_mf.cli", "train", str(recipe), "--out", str(folder / "run")]
-    with open(folder / "child.log", "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        start = time.perf_counter()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"mace-mf train child failed (exit {proc.returncode}); see {folder / 'child.log'}")
-    return {"peak_rss_MiB": usage.ru_maxrss / 1024, "wall_s": wall, "command": " ".join(cmd[1:])}
+    report = folder / "rss.json"
+    args = ["train", str(recipe), "--out", str(folder / "run")]
+    start = time.perf_counter()
+    with open(folder / "child.log", "w") as log_file:
+        code = subprocess.call(
+            [sys.executable, "-c", RSS_CHILD, str(report), *args], stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"mace-mf train child failed (exit {code}); see {folder / 'child.log'}")
+    peak = json.loads(report.read_text())
+    return {
+        "peak_rss_MiB": peak["peak_rss_KiB"] / 1024,
+        "source": peak["source"],
+        "wall_s": wall,
+        "command": "mace-mf " + " ".join(args),
+    }
 
 
 def section_inference(ctx: Context) -> dict[str, Any]:
