@@ -35,7 +35,9 @@ def test_every_section_runs_and_writes_json_and_markdown(tmp_path, tiny_model_fi
     epochs = overhead["epochs"]
     assert all(e["n"] == 2 and e["min"] > 0 for e in epochs.values())
     one, two = (e["median"] for e in epochs.values())
-    assert overhead["ratio_two_over_one"] == pytest.approx(two / one)
+    assert overhead["wall_ratio_two_over_one"]["ratio_of_medians"] == pytest.approx(two / one)
+    wall = overhead["wall_ratio_two_over_one"]
+    assert wall["min"] <= wall["median"] <= wall["max"] and wall["n"] == 2
     shares = results["sections"]["3"]["loader_share"]
     assert all(0 < s["median"] < 1 for s in shares.values())
     inference = results["sections"]["4"]
