@@ -68,6 +68,7 @@ class Context:
     profile: bool
     out: Path
     rss: bool = True
+    device: str = "cpu"
     epochs: tuple[dict[str, Built], dict[str, dict[str, Any]]] | None = None
 
 
@@ -138,7 +139,7 @@ def fidelity_recipe(ctx: Context, arm: str) -> dict[str, Any]:
         "name": f"speed-{arm}",
         "seed": 0,
         "dtype": ctx.dtype,
-        "device": "cpu",
+        "device": ctx.device,
         "num_threads": ctx.threads,
         "foundation": {"model": str(ctx.foundation)},
         "fidelities": fidelities,
@@ -173,7 +174,7 @@ def build(ctx: Context, arm: str, name: str) -> Built:
 
     recipe = recipe_from_dict(fidelity_recipe(ctx, arm), "benchmark_speed", ROOT)
     dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
-    device = torch.device("cpu")
+    device = torch.device(recipe.device)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
@@ -377,7 +378,8 @@ def calculators_per_second(ctx: Context, paths: dict[str, Path]) -> dict[str, di
 
     frames = ase.io.read(ctx.data, index=f":{ctx.molecules}")
     calcs = {
-        name: MACECalculator(model_paths=str(p), device="cpu", default_dtype=ctx.dtype) for name, p in paths.items()
+        name: MACECalculator(model_paths=str(p), device=ctx.device, default_dtype=ctx.dtype)
+        for name, p in paths.items()
     }
     rates: dict[str, list[float]] = {name: [] for name in paths}
     cpu: dict[str, list[float]] = {name: [] for name in paths}
@@ -514,6 +516,7 @@ def machine() -> dict[str, Any]:
         "mace-torch": version("mace-torch"),
         "e3nn": version("e3nn"),
         "mace-mf": version("mace-mf"),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
 
 
@@ -524,7 +527,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"`{results['command']}`",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores; load average before {m['load_average'][0]:.2f}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores{'; GPU ' + m['gpu'] if m['gpu'] else ''}; load average before {m['load_average'][0]:.2f}, "
         f"after {results['load_average_after'][0]:.2f}. Python {m['python']}, torch {m['torch']}, "
         f"mace-torch {m['mace-torch']}, e3nn {m['e3nn']}, mace-mf {m['mace-mf']}. "
         f"Wall time {results['wall_s']:.0f} s.",
@@ -553,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per arm (after one warm-up)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<n> (training and inference)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--molecules", type=int, default=64, help="molecules for the inference section")
     parser.add_argument("--no-rss", action="store_true", help="skip the `mace-mf train` child that measures peak RSS")
@@ -602,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             args.profile,
             args.out,
             rss=not args.no_rss,
+            device=args.device,
         )
         for key in wanted:
             log.info("section %s", key)
