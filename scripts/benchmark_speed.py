@@ -522,12 +522,13 @@ def machine() -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
+    gpu = f"; GPU {m['gpu']}" if m["gpu"] else ""
     lines = [
         "# mace_mf speed benchmark",
         "",
         f"`{results['command']}`",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores{'; GPU ' + m['gpu'] if m['gpu'] else ''}; load average before {m['load_average'][0]:.2f}, "
+        f"Machine: {m['cpu']}, {m['cores']} cores{gpu}; load average before {m['load_average'][0]:.2f}, "
         f"after {results['load_average_after'][0]:.2f}. Python {m['python']}, torch {m['torch']}, "
         f"mace-torch {m['mace-torch']}, e3nn {m['e3nn']}, mace-mf {m['mace-mf']}. "
         f"Wall time {results['wall_s']:.0f} s.",
