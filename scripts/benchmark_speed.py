@@ -229,8 +229,8 @@ def time_loading(trainer: Any) -> dict[str, float]:
     split = trainer.train
 
     class TimedSplit(Split):
-        def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Any:  # type: ignore[override]
-            return TimedLoader(Split.loader(self, batch_size, shuffle, seed), clock)
+        def loader(self, *args: Any, **kwargs: Any) -> Any:  # whatever the Trainer passes (e.g. sharding)
+            return TimedLoader(Split.loader(self, *args, **kwargs), clock)
 
     trainer.train = TimedSplit(split.name, split.fidelities, split.atoms, split.graphs)
     return clock
