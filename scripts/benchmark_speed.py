@@ -7,10 +7,10 @@
 
 Sections (``--sections``, comma-separated; each is an independent function in ``SECTIONS``):
 
-1. fidelity overhead: wall time of one training epoch through the real ``Trainer.train_epoch`` with
+1. fidelity overhead: wall and CPU time of one training epoch through the real ``Trainer.train_epoch`` with
    two fidelities (low E+F, high E; ``delta`` coupling, the default) vs one (high E+F), on the same
    geometries, foundation, batch size and dtype;
-2. against upstream ``mace_run_train`` (added separately; not in this file yet);
+2. against upstream ``mace_run_train`` (to be added as ``"2"`` in ``SECTIONS`` with mace_mf/upstream.py);
 3. data pipeline: read + graph building, time to the first batch, and the share of a steady-state
    epoch spent inside the loader (collation), measured in the same real epochs;
 4. inference: the exported single-fidelity ``<high>.model`` (``mace_mf.export``) in stock
@@ -18,8 +18,10 @@ Sections (``--sections``, comma-separated; each is an independent function in ``
    ``mace-mf train`` child process.
 
 The machine is shared and noisy, so every timing is repeated, the arms alternate within a repeat
-(their order flips every repeat), and the results are medians with their min–max spread and ratios
-of medians. ``results.json`` and ``results.md`` go to ``--out``. Labels are read as
+(their order flips every repeat), and the results are medians with their min–max spread; ratios are
+taken within each repeat (back to back, under similar load), then their median. Targets are judged
+on CPU time (``time.process_time``), which the other users of a shared machine disturb far less than
+wall time; both are reported. ``results.json`` and ``results.md`` go to ``--out``. Labels are read as
 ``<fidelity>_energy`` / ``<fidelity>_forces``; the default data and foundation are in ../shared.
 """
 
