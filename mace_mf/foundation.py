@@ -180,6 +180,49 @@ def load_foundation(
     return model, info
 
 
+def keep_elements(single: ScaleShiftMACE, info: FoundationInfo, atomic_numbers: list[int]) -> ScaleShiftMACE:
+    """A copy of a single-head foundation that knows only ``atomic_numbers`` (a subset of its own).
+
+    Every per-element weight (node embedding, skip connections, symmetric contractions, E0s) of the
+    other elements is dropped, as ``mace_run_train`` does when it fine-tunes: each training step is
+    then cheaper (the symmetric contraction and skip products scale with the number of elements),
+    and on the kept elements the copy is the same function (mace-torch's own
+    ``load_foundations_elements`` rescales the one-hot embeddings; a test checks energies and forces).
+    """
+    from mace.tools.finetuning_utils import load_foundations_elements
+    from mace.tools.scripts_utils import extract_config_mace_model
+    from mace.tools.utils import AtomicNumberTable
+
+    own = [int(z) for z in single.atomic_numbers]
+    index = [own.index(z) for z in atomic_numbers]
+    dtype = next(single.parameters()).dtype
+    try:
+        config = extract_config_mace_model(single)
+        config.update(
+            atomic_numbers=list(atomic_numbers),
+            num_elements=len(atomic_numbers),
+            atomic_energies=single.atomic_energies_fn.atomic_energies[..., index].detach().cpu().numpy(),
+        )
+        model = type(single)(**config).to(dtype)
+        load_foundations_elements(
+            model,
+            single,
+            AtomicNumberTable(list(atomic_numbers)),
+            load_readout=True,
+            use_shift=True,
+            use_scale=True,
+            max_L=config["hidden_irreps"].lmax,
+            default_dtype=dtype,
+        )
+    except Exception as exc:  # an architecture mace-torch's transfer does not know
+        raise FoundationError(
+            f"foundation.elements: cannot restrict {info.source} to the data's elements "
+            f"({type(exc).__name__}: {exc}); set foundation.elements: all"
+        ) from None
+    model.eval()
+    return model
+
+
 def check_elements(info: FoundationInfo, atomic_numbers: set[int], where: str) -> None:
     """Refuse data with elements the foundation has never seen, naming them."""
     missing = sorted(atomic_numbers - set(info.atomic_numbers))

@@ -21,7 +21,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
@@ -41,7 +41,7 @@ from mace_mf.errors import RecipeError, RunError, UserError
 from mace_mf.evaluate import compute_metrics, parity_plot, predict
 from mace_mf.export import export_models
 from mace_mf.files import atomic_write_text
-from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
+from mace_mf.foundation import FoundationInfo, check_elements, keep_elements, load_foundation
 from mace_mf.heads import add_fidelity_embedding, extract_head, fit_e0s, replicate_head, set_head_e0s
 from mace_mf.inference import load_model_file
 from mace_mf.labelling import label_recipe_data
@@ -104,7 +104,10 @@ class Splits:
         return result
 
 
-def select_frames(recipe: Recipe, info: FoundationInfo) -> tuple[list[Frame], list[Frame], list[Frame] | None]:
+Frames = tuple[list[Frame], list[Frame], list[Frame] | None]
+
+
+def select_frames(recipe: Recipe, info: FoundationInfo) -> Frames:
     """Read, check and split the data into (train, valid, test) frames, label subsets applied.
 
     The one definition of which geometries and labels a recipe trains, selects and scores on;
@@ -145,10 +148,16 @@ def select_frames(recipe: Recipe, info: FoundationInfo) -> tuple[list[Frame], li
     return train, valid, test
 
 
-def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Splits:
-    """Read, check and split the data; build graphs once for the whole run."""
+def data_elements(info: FoundationInfo, frames: Frames) -> tuple[int, ...]:
+    """The foundation's elements that occur in any split, in the foundation's order."""
+    seen = {int(z) for split in frames if split for f in split for z in f.atoms.numbers}
+    return tuple(z for z in info.atomic_numbers if z in seen)
+
+
+def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype, frames: Frames | None = None) -> Splits:
+    """Read, check and split the data (unless ``frames`` are given); build graphs once for the run."""
     specs = recipe.fidelities
-    train, valid, test = select_frames(recipe, info)
+    train, valid, test = frames or select_frames(recipe, info)
     z_table = AtomicNumberTable(list(info.atomic_numbers))
     heads = list(specs)
     return Splits(
@@ -156,6 +165,26 @@ def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype) -> Spl
         make_split("valid", valid, heads, z_table, info.r_max, dtype),
         make_split("test", test, heads, z_table, info.r_max, dtype) if test else None,
     )
+
+
+def start_head(
+    recipe: Recipe, data_recipe: Recipe, foundation: torch.nn.Module, info: FoundationInfo, dtype: torch.dtype
+) -> tuple[torch.nn.Module, FoundationInfo, Splits]:
+    """The foundation's starting head (restricted to the data's elements unless
+    ``foundation.elements: all``), the info that describes it, and the splits built for it."""
+    frames = select_frames(data_recipe, info)
+    kept = data_elements(info, frames)
+    single = extract_head(foundation, info.head)
+    if recipe.foundation.elements == "data" and kept != info.atomic_numbers:
+        single = keep_elements(single, info, list(kept))
+        log.info(
+            "foundation.elements: data: kept %s of %d elements (%d parameters)",
+            " ".join(chemical_symbols[z] for z in kept),
+            len(info.atomic_numbers),
+            sum(p.numel() for p in single.parameters()),
+        )
+        info = replace(info, atomic_numbers=kept)
+    return single, info, load_splits(data_recipe, info, dtype, frames)
 
 
 def assign_e0s(
@@ -397,14 +426,13 @@ def _train_run(
     cache_dir = Path(recipe.data.label_cache) if recipe.data.label_cache else out.resolve().parent / "label-cache"
     with rank0_first(dist):  # rank 0 labels into the cache, the others read it
         data_recipe, labelled_files = label_recipe_data(recipe, cache_dir)
-    splits = load_splits(data_recipe, info, dtype)
+    single, info, splits = start_head(recipe, data_recipe, foundation, info, dtype)
     log.info(
         "data: %d train, %d valid, %d test configurations",
         len(splits.train),
         len(splits.valid),
         len(splits.test) if splits.test else 0,
     )
-    single = extract_head(foundation, info.head)
     model = replicate_head(single, list(recipe.fidelities)).to(device)
     apply_couplings(model, recipe)
     if recipe.training.fidelity_embedding:

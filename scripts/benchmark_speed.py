@@ -177,9 +177,9 @@ def build(ctx: Context, arm: str, name: str) -> Built:
 
     from mace_mf.coupling import apply_couplings
     from mace_mf.foundation import load_foundation
-    from mace_mf.heads import extract_head, replicate_head
+    from mace_mf.heads import replicate_head
     from mace_mf.recipe import recipe_from_dict
-    from mace_mf.run import assign_e0s, load_splits
+    from mace_mf.run import assign_e0s, start_head
     from mace_mf.train import Trainer
 
     recipe = recipe_from_dict(fidelity_recipe(ctx, arm), "benchmark_speed", ROOT)
@@ -190,11 +190,10 @@ def build(ctx: Context, arm: str, name: str) -> Built:
     foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
     seconds["foundation_load_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    splits = load_splits(recipe, info, dtype)
+    single, info, splits = start_head(recipe, recipe, foundation, info, dtype)
     seconds["read_and_graphs_s"] = time.perf_counter() - start
     seconds["configs_read"] = len(splits.train) + len(splits.valid)
     start = time.perf_counter()
-    single = extract_head(foundation, info.head)
     model = replicate_head(single, list(recipe.fidelities)).to(device)
     apply_couplings(model, recipe)
     assign_e0s(model, single, recipe, splits.train, device)
