@@ -20,7 +20,8 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check mace_mf tests scripts
-	$(BIN)/python -m pytest -q
+	# Two workers (pytest-xdist), one test file each: the suite's CPU time is about 12 min on one core.
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: setup
 	$(BIN)/ruff check mace_mf tests scripts
