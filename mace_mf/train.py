@@ -326,7 +326,6 @@ class Trainer:
     def train_epoch(self, epoch: int, progress: Progress | None) -> dict[str, float]:
         t = self.recipe.training
         self.model.train()
-        sharded = self.dist.enabled
         module = self._step_module()
         loader = self._batches(epoch)
         task = progress.add_task(f"epoch {epoch}", total=len(loader)) if progress else None
@@ -336,31 +335,21 @@ class Trainer:
             if isinstance(batch, list):
                 batch = Batch.from_data_list(batch)
             data = batch_dict(batch.to(self.device))
-            counts = None
-            if sharded:  # every term's denominator is the whole batch's label count
-                reduced = all_reduce_sum(self.dist, term_counts(data, self.weights))
-                counts = dict(zip(self.term_keys, reduced, strict=True))
-            loss, terms, penalty = module(data, counts)
-            if sharded:
-                # DDP averages gradients over N ranks; each rank's share is already divided by the
-                # global count, so N × share averages to the whole batch's loss (penalty: same on all).
-                objective = loss * self.dist.world_size
-                objective = objective if penalty is None else objective + penalty
-            else:
-                if penalty is not None:
-                    loss = loss + penalty
-                    terms["c0"] = penalty.detach()
-                if not torch.isfinite(loss):
-                    self._diverged(f"loss is {loss.item()}", epoch, index)
-                objective = loss
+            # Every term's denominator is the whole batch's label count (summed over ranks; in one
+            # process, this batch's own count).
+            reduced = all_reduce_sum(self.dist, term_counts(data, self.weights))
+            loss, terms, penalty = module(data, dict(zip(self.term_keys, reduced, strict=True)))
+            # DDP averages gradients over N ranks; each rank's share is already divided by the whole
+            # batch's count, so N × share averages to the whole batch's loss (penalty: same on all).
+            objective = loss * self.dist.world_size
+            objective = objective if penalty is None else objective + penalty
             self.optimizer.zero_grad(set_to_none=True)
             objective.backward()
-            if sharded:
-                # After the backward (the gradients are averaged, the weights untouched), so that
-                # every rank takes the same decision.
-                step_loss, values, finite = self._reduce_step(loss, terms, penalty)
-                if not finite:
-                    self._diverged("loss is not finite on some rank", epoch, index)
+            # Checked after the backward (the weights are untouched until the step) so that every
+            # rank takes the same decision.
+            step_loss, values, finite = self._reduce_step(loss, terms, penalty)
+            if not finite:
+                self._diverged(f"loss is {step_loss}", epoch, index)
             if t.clip_grad_norm is not None:
                 norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.clip_grad_norm)
                 if not torch.isfinite(norm):
@@ -368,8 +357,6 @@ class Trainer:
             self.optimizer.step()
             if self.ema is not None:
                 self.ema.update()
-            if not sharded:
-                step_loss, values = loss.item(), {key: value.item() for key, value in terms.items()}
             total_loss += step_loss
             n_batches += 1
             for key, value in values.items():
