@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from mace_mf.data import read_frames
-from mace_mf.errors import RecipeError
+from mace_mf.errors import RecipeError, RunError
 from mace_mf.files import atomic_write_text
-from mace_mf.recipe import Recipe, load_recipe
+from mace_mf.recipe import Recipe, load_recipe, recipe_changes, recipe_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,9 @@ class Arm:
 
 
 def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
-    """The arms of the seed paper's comparison, one per coupling option of issue 8, and upstream's
-    own multi-head fine-tuning (``mace-mh``: the recipe as written, run by ``mace_run_train``)."""
+    """The arms of the seed paper's comparison, one per coupling option of issue 8 (the schedule and
+    embedding options on top of the recipe's own coupling), and upstream's own multi-head
+    fine-tuning (``mace-mh``: the recipe as written, run by ``mace_run_train``)."""
     lo, hi = f"fidelities.{low}", f"fidelities.{high}"
     w_f = recipe.fidelities[low].forces_weight or 10.0
     off_low = (f"{lo}.energy_weight=0", f"{lo}.forces_weight=0", f"{hi}.base=null", f"{hi}.coupling=independent")
@@ -86,6 +88,9 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
             (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=independent", f"{hi}.base_forces_weight=1.0"),
             f"independent heads + {low} forces as a prior on {high} (weight 1)",
         ),
+        Arm("mf-embedding", ("training.fidelity_embedding=true",), "the recipe + a fidelity embedding in the backbone"),
+        Arm("mf-normalised", ("training.normalise_weights=true",), "the recipe + loss weights over label variance"),
+        Arm("mf-warmup", ("training.freeze_backbone_epochs=1",), "the recipe + one heads-only warm-up epoch"),
         Arm(
             "mace-mh",
             (),
@@ -114,29 +119,42 @@ def is_complete(path: Path) -> bool:
 
 
 def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, out: Path, common: list[str]) -> Path:
-    """Train one arm (unless already complete) and return its run folder."""
+    """Train one arm (unless already complete with the same resolved recipe) and return its run folder."""
     from mace_mf.run import train_run
 
     path = run_dir(out, arm.name, seed, fraction)
-    if is_complete(path):
-        log.info("%s: complete, not rerun", path)
-        return path
     overrides = [*common, *arm.overrides, f"seed={seed}"]
     if fraction < 1.0:
         overrides.append(f"fidelities.{high}.label_fraction={fraction}")
     recipe = load_recipe(recipe_file, overrides)
+    if arm.runner != "mace_run_train":
+        recipe = recipe.model_copy(
+            update={"export": recipe.export.model_copy(update={"multihead": False, "torchscript": False})}
+        )
+    if is_complete(path):
+        _check_reused(path, recipe)
+        log.info("%s: complete, not rerun", path)
+        return path
     if arm.runner == "mace_run_train":
         from mace_mf.upstream import upstream_arm
 
         log.info("%s: training with mace_run_train (%s)", path, arm.description)
         return upstream_arm(recipe, path)
-    recipe = recipe.model_copy(
-        update={"export": recipe.export.model_copy(update={"multihead": False, "torchscript": False})}
-    )
     log.info("%s: training (%s)", path, arm.description)
     started = (path / "run.json").is_file() or (path / "checkpoints").is_dir()
     train_run(recipe, path, recipe_file, resume=started, overwrite=False)
     return path
+
+
+def _check_reused(path: Path, recipe: Recipe) -> None:
+    """Refuse a finished arm trained with other settings (other --set options, an older default)."""
+    saved_file = path / "recipe.resolved.yaml"
+    saved = recipe_from_dict(yaml.safe_load(saved_file.read_text()), str(saved_file), path)
+    if changes := recipe_changes(saved, recipe):
+        raise RunError(
+            f"{path}: finished with a different recipe ({'; '.join(changes[:3])}); pass the same "
+            "--set options, or use a new --out (or remove that folder) to rerun it"
+        )
 
 
 def _log_to_stderr(level: int) -> None:

@@ -681,6 +681,24 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
+def recipe_changes(before: Recipe, after: Recipe) -> list[str]:
+    """The dotted keys whose resolved values differ, as ``key: old -> new`` (empty when equal).
+
+    Used wherever a run folder is reused (resume, the benchmark's finished arms): a folder trained
+    with other settings, or under an older default, must be named, not silently taken as this run.
+    """
+
+    def flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(tree, dict) and tree:
+            return {k: v for key, sub in tree.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): tree}
+
+    old, new = flat(before.model_dump(mode="json")), flat(after.model_dump(mode="json"))
+    unset = "(unset)"
+    keys = sorted(old.keys() | new.keys())
+    return [f"{k}: {old.get(k, unset)} -> {new.get(k, unset)}" for k in keys if old.get(k, unset) != new.get(k, unset)]
+
+
 def reference_markdown() -> str:
     """The recipe reference (every key, type, default, meaning) generated from the schema."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]

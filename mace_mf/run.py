@@ -46,7 +46,7 @@ from mace_mf.heads import add_fidelity_embedding, extract_head, fit_e0s, replica
 from mace_mf.inference import load_model_file
 from mace_mf.labelling import label_recipe_data
 from mace_mf.md_check import MDCheckOptions, md_check, write_md_check
-from mace_mf.recipe import Recipe, dump_recipe, recipe_from_dict
+from mace_mf.recipe import Recipe, dump_recipe, recipe_changes, recipe_from_dict
 from mace_mf.report import write_report
 from mace_mf.tracking import make_tracker
 from mace_mf.train import Trainer
@@ -335,10 +335,10 @@ def _claim(recipe: Recipe, out: Path, resume: bool, overwrite: bool) -> dict[str
     resolved = out / "recipe.resolved.yaml"
     if resume and resolved.is_file():
         saved = recipe_from_dict(yaml.safe_load(resolved.read_text()), str(resolved), out)
-        if dump_recipe(saved) != dump_recipe(recipe):
+        if changes := recipe_changes(saved, recipe):
             raise RunError(
-                f"{resolved}: the recipe differs from the run being resumed; resume with the "
-                "same recipe and --set options, or start a new --out"
+                f"{resolved}: the recipe differs from the run being resumed ({'; '.join(changes[:3])}); "
+                "resume with the same recipe and --set options, or start a new --out"
             )
     atomic_write_text(resolved, dump_recipe(recipe))
     return previous

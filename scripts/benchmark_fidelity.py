@@ -6,7 +6,8 @@
 
 Both budgets train 3 epochs in float32 (the recipe's 30 epochs in float64 take days on a laptop's
 CPU), two runs at a time (``--workers``), one torch thread each. The default arms are issue 3's six;
-the coupling options of issue 8 (mf-independent, mf-delta, mf-tied, mf-prior) are added with --arms.
+the options of issue 8 (mf-independent, mf-delta, mf-tied, mf-prior, mf-embedding, mf-normalised,
+mf-warmup) are added with --arms.
 
 Every arm is `recipes/pyseqm_mf.yaml` plus `--set` overrides (see `mace_mf/bench.py`); finished
 runs in --out are never rerun, so the script resumes where it stopped. Results: <out>/results.json,

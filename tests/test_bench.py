@@ -11,6 +11,7 @@ from support import write_recipe
 from test_run import stock_eval
 
 from mace_mf.bench import run_benchmark
+from mace_mf.errors import RunError
 from mace_mf.recipe import load_recipe
 from mace_mf.run import train_run
 
@@ -48,6 +49,10 @@ def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_f
     assert (out / "results.md").read_text().startswith("| arm |")
     assert again["label_gap"] == result["label_gap"]
     assert (out / "learning_curve.png").stat().st_size > 0
+    # a finished arm trained with other settings is named, never passed off as this run
+    with pytest.raises(RunError, match=r"sf-high-e/seed0: finished with a different recipe \(training.lr: "):
+        run_benchmark(*args[:-1], ["training.lr=0.5"])
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("run.json")} == stamps
 
 
 def test_delta_run_exports_files_that_reproduce_its_metrics(tmp_path, tiny_model_file, two_fidelity_files):

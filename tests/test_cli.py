@@ -107,7 +107,7 @@ def test_existing_run_is_never_overwritten_unless_asked(capsys, tmp_path, recipe
     code, err = run_cli(capsys, "train", recipe_file, "--out", out, "--set", "training.lr=0.01")
     assert code == 2
     code, err = run_cli(capsys, "train", recipe_file, "--out", out, "--resume", "--set", "training.lr=0.01")
-    assert_one_line_error(code, err, "recipe differs from the run being resumed")
+    assert_one_line_error(code, err, "recipe differs from the run being resumed (training.lr: 0.005 -> 0.01)")
     assert main(["train", str(recipe_file), "--out", str(out), "--overwrite", "--set", "training.lr=0.01"]) == 0
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
