@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mace_mf.errors import RecipeError
 
 FIDELITY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
+# `tied` coupling's default L2 strength: the best of 0.1 / 1 / 10 on the PM6/DFT validation split
+# (docs/benchmarks.md, "Tuning the tied strength"); the penalty is on readout weights, unitless.
+TIED_STRENGTH = 1.0
 # Names users bring from mace_run_train flags, mapped to ours, for did-you-mean hints.
 FAMILIAR_NAMES = {
     "learning_rate": "lr",
@@ -153,21 +156,22 @@ class FidelitySpec(_Section):
         ),
     )
     coupling: Literal["independent", "delta", "tied"] = Field(
-        default="delta",
+        default="tied",
         description=(
-            "How this head relates to `base` (when it has one): `delta` (energy = base head + a "
-            "correction readout that starts at zero, so the head starts with the base's forces; the "
-            "best option measured, docs/benchmarks.md), `independent` (own readout, as mace-torch's "
-            "multi-head fine-tuning), `tied` (own readout pulled toward the base's by an L2 penalty "
-            "of `coupling_strength`)."
+            "How this head relates to `base` (when it has one): `tied` (own readout, started as a "
+            "copy of the base's and pulled toward it by an L2 penalty of `coupling_strength`; the "
+            "best option measured, docs/benchmarks.md), `delta` (energy = base head + a correction "
+            "readout that starts at zero, so the head starts with the base's forces), `independent` "
+            "(own readout, as mace-torch's multi-head fine-tuning)."
         ),
     )
-    coupling_strength: float = Field(
-        default=0.0,
+    coupling_strength: float | None = Field(
+        default=None,
         ge=0.0,
         description=(
-            "`delta`: L2 penalty on the correction readout's output weights; `tied`: L2 penalty on "
-            "the difference between this head's and the base's readout weights. 0: none."
+            "`tied`: L2 penalty on the difference between this head's and the base's readout "
+            "weights; `delta`: L2 penalty on the correction readout's output weights. 0: none; "
+            f"null: the value chosen on validation data ({TIED_STRENGTH:g} for `tied`, 0 for `delta`)."
         ),
     )
     base_forces_weight: float = Field(
@@ -397,6 +401,8 @@ class Recipe(_Section):
                 spec.base = _auto_base(name, self.fidelities)
         for name, spec in self.fidelities.items():
             where = f"fidelities.{name}"
+            if spec.coupling_strength is None:  # resolved, so the resolved recipe says what ran
+                spec.coupling_strength = TIED_STRENGTH if spec.coupling == "tied" and spec.base else 0.0
             if spec.base is None:
                 explicit = "coupling" in spec.model_fields_set and spec.coupling != "independent"
                 if explicit or spec.base_forces_weight > 0:

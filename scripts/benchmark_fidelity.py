@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# mf: delta, the default; mace-mh: upstream mace_run_train with one head per fidelity
+# mf: the recipe as written (tied coupling, the default); mace-mh: upstream mace_run_train with one head per fidelity
 ARMS = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf,mace-mh"
 BUDGET = ["training.epochs=3", "dtype=float32", "num_threads=1"]
 QUICK = ["data.max_train=300", "md_check.enabled=false"]

@@ -64,7 +64,7 @@ def runs(tmp_path_factory, tiny_model_file, two_fidelity_files) -> tuple[Path, P
         folder / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=3, batch_size=10, freeze_backbone_epochs=2
     )
     recipe = yaml.safe_load(recipe_file.read_text())
-    recipe["fidelities"]["hi"]["coupling_strength"] = 0.01
+    recipe["fidelities"]["hi"].update(coupling="delta", coupling_strength=0.01)
     recipe["data"]["max_train"] = 21
     recipe["md_check"] = {"enabled": False}
     recipe["export"].update(fidelities=["hi"], multihead=False)

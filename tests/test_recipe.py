@@ -9,7 +9,7 @@ import yaml
 from support import CONTRACT
 
 from mace_mf.errors import RecipeError
-from mace_mf.recipe import Recipe, dump_recipe, load_recipe, reference_markdown
+from mace_mf.recipe import TIED_STRENGTH, Recipe, dump_recipe, load_recipe, reference_markdown
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -149,7 +149,12 @@ def test_labelled_fidelity_defaults_its_keys_and_resolves_model_paths(tmp_path):
 
 def test_base_auto_leans_a_head_without_trained_forces_on_one_with():
     recipe = load_recipe_text(CONTRACT)
-    assert recipe.fidelities["dft"].base == "pm6" and recipe.fidelities["dft"].coupling == "delta"
+    assert recipe.fidelities["dft"].base == "pm6" and recipe.fidelities["dft"].coupling == "tied"
+    # the strength left at null resolves per coupling, and the resolved recipe records the number
+    dft, pm6 = recipe.fidelities["dft"], recipe.fidelities["pm6"]
+    assert dft.coupling_strength == TIED_STRENGTH and pm6.coupling_strength == 0
+    assert load_recipe_text(CONTRACT, ["fidelities.dft.coupling=delta"]).fidelities["dft"].coupling_strength == 0
+    assert load_recipe_text(CONTRACT, ["fidelities.dft.coupling_strength=3"]).fidelities["dft"].coupling_strength == 3
     assert recipe.fidelities["pm6"].base is None  # trained on forces: stands on its own
     oracle = load_recipe_text(CONTRACT, ["fidelities.dft.forces_weight=10"])
     assert oracle.fidelities["dft"].base is None
