@@ -3,7 +3,7 @@
     python scripts/benchmark_fidelity.py                 # full: 3 seeds, learning curve 5/20/100 %
     python scripts/benchmark_fidelity.py --quick         # 300 training geometries, 1 seed
     python scripts/benchmark_fidelity.py --arms sf-high-e,mf-tied --seeds 0 --out runs/bench-x
-    python scripts/benchmark_fidelity.py --arms '' --curve-arms mf --seeds 1   # only mf's 5 and 20 % runs
+    python scripts/benchmark_fidelity.py --arms '' --fraction-arms mf --seeds 1   # only mf's 5 and 20 % runs
 
 Both budgets train 3 epochs in float32 (the recipe's 30 epochs in float64 take days on a laptop's
 CPU), two runs at a time (``--workers``), one torch thread each. The default arms are issue 3's six;
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf,mace-mh"
 BUDGET = ["training.epochs=3", "dtype=float32", "num_threads=1"]
 QUICK = ["data.max_train=300", "md_check.enabled=false"]
-CURVE_ARMS = "sf-high-e,mf"
+FRACTION_ARMS = "sf-high-e,mf"
 
 
 def _names(text: str) -> list[str]:
@@ -41,7 +41,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="300 training geometries, seed 0, no MD check")
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (default 2)")
     parser.add_argument("--arms", default=None, help=f"comma-separated, '' for none (default: {ARMS})")
-    parser.add_argument("--curve-arms", default=CURVE_ARMS, help=f"arms of the learning curve (default: {CURVE_ARMS})")
+    parser.add_argument(
+        "--fraction-arms", default=FRACTION_ARMS, help=f"arms run at every fraction (default: {FRACTION_ARMS})"
+    )
     parser.add_argument("--seeds", default=None, help="comma-separated (default: 0,1,2; quick: 0)")
     parser.add_argument("--fractions", default=None, help="DFT-energy fractions (default: 0.05,0.2,1; quick: 1)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="extra recipe override")
@@ -65,7 +67,7 @@ def main() -> int:
             _names(ARMS if args.arms is None else args.arms),
             [int(s) for s in seeds.split(",")],
             [float(f) for f in fractions.split(",")],
-            _names(args.curve_arms),
+            _names(args.fraction_arms),
             common,
             workers=args.workers,
         )
