@@ -8,7 +8,7 @@
 Sections (``--sections``, comma-separated; each is an independent function in ``SECTIONS``):
 
 1. fidelity overhead: wall and CPU time of one training epoch through the real ``Trainer.train_epoch`` with
-   two fidelities (low E+F, high E; ``delta`` coupling, the default) vs one (high E+F), on the same
+   two fidelities (low E+F, high E; the recipe's coupling, ``tied`` by default) vs one (high E+F), on the same
    geometries, foundation, batch size and dtype;
 2. against upstream: ``mace-mf train`` vs mace-torch's ``mace_run_train`` (``mace_mf.upstream``, one head per
    fidelity, the same recipe, geometries, labels, batch size, dtype, EMA and epochs), each a child
@@ -576,7 +576,7 @@ def section_inference(ctx: Context) -> dict[str, Any]:
     from mace_mf.export import export_models
 
     built = build(ctx, "two", "export")
-    built.trainer.train_epoch(0, None)  # trained weights (the delta readout no longer zero)
+    built.trainer.train_epoch(0, None)  # trained weights, not the foundation's
     files = export_models(built.model, [ctx.high], ctx.scratch / "models", multihead=False, torchscript=False)
     exported = files[0]
     del built
@@ -603,7 +603,7 @@ def section_inference(ctx: Context) -> dict[str, Any]:
         "lines": [
             "time per molecule, exported / foundation, median over repeats: " + verdict(cpu, wall, 1.05),
             f"{ctx.molecules} molecules of {ctx.data.name}, one at a time, {ctx.dtype}; the exported file is the "
-            f"`{ctx.high}` head (delta-coupled to `{ctx.low}`, folded into one stock readout) after one epoch.",
+            f"`{ctx.high}` head (coupled to `{ctx.low}`, exported as one stock readout) after one epoch.",
             f"peak RSS of training: **{rss['peak_rss_MiB']:.0f} MiB** (`mace-mf train`, two fidelities, "
             f"{ctx.subset} geometries, 1 epoch, eval and export included; {rss['wall_s']:.0f} s wall)"
             if rss is not None
