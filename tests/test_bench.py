@@ -10,7 +10,7 @@ import pytest
 from support import write_recipe
 from test_run import stock_eval
 
-from mace_mf.bench import run_benchmark
+from mace_mf.bench import run_benchmark, standard_arms
 from mace_mf.errors import RunError
 from mace_mf.recipe import load_recipe
 from mace_mf.run import train_run
@@ -68,3 +68,25 @@ def test_delta_run_exports_files_that_reproduce_its_metrics(tmp_path, tiny_model
     for result in (single, multi):
         assert result["f_rmse"] == pytest.approx(metrics["hi"]["f_rmse_meV_A"], rel=1e-6)
         assert result["e_rmse"] == pytest.approx(metrics["hi"]["e_rmse_meV_atom"], rel=1e-6)
+
+
+def test_every_arm_resolves_to_the_recipe_it_describes(tmp_path, tiny_model_file, two_fidelity_files):
+    """Each arm's overrides are valid recipe keys, and the resolved recipe trains what the arm says."""
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files)
+    arms = standard_arms(load_recipe(recipe_file), "lo", "hi")
+    got = {name: load_recipe(recipe_file, list(arm.overrides)) for name, arm in arms.items()}
+    hi = {name: r.fidelities["hi"] for name, r in got.items()}
+    lo = {name: r.fidelities["lo"] for name, r in got.items()}
+    assert got["zero-shot"].training.epochs == 0
+    assert hi["sf-high-e"].forces_weight == 0 and lo["sf-high-e"].energy_weight == lo["sf-high-e"].forces_weight == 0
+    assert hi["sf-high-ef"].forces_weight > 0 and hi["sf-high-ef"].base is None
+    assert hi["sf-low"].energy_weight == 0 and (hi["sf-low"].coupling, hi["sf-low"].coupling_strength) == ("delta", 0)
+    assert (hi["mf"].coupling, hi["mf"].coupling_strength) == ("tied", 1.0)  # the default, resolved
+    assert got["mf-tied"] == got["mf"]  # so the default's figures are the tied arm's
+    assert hi["mf-independent"].coupling == "independent" and hi["mf-independent"].base is None
+    assert (hi["mf-delta"].coupling, hi["mf-delta"].base) == ("delta", "lo")
+    assert hi["mf-prior"].base_forces_weight > 0 and hi["mf-prior"].coupling == "independent"
+    assert got["mf-embedding"].training.fidelity_embedding and hi["mf-embedding"].coupling == "tied"
+    assert got["mf-normalised"].training.normalise_weights
+    assert got["mf-warmup"].training.freeze_backbone_epochs == 1
+    assert arms["mace-mh"].runner == "mace_run_train" and got["mace-mh"] == got["mf"]
