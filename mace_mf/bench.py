@@ -30,12 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from mace_mf.data import read_frames
 from mace_mf.errors import RecipeError, RunError
 from mace_mf.files import atomic_write_text
-from mace_mf.recipe import Recipe, load_recipe, recipe_changes, recipe_from_dict
+from mace_mf.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +147,11 @@ def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, 
 
 def _check_reused(path: Path, recipe: Recipe) -> None:
     """Refuse a finished arm trained with other settings (other --set options, an older default)."""
-    saved_file = path / "recipe.resolved.yaml"
-    saved = recipe_from_dict(yaml.safe_load(saved_file.read_text()), str(saved_file), path)
-    if changes := recipe_changes(saved, recipe):
+    from mace_mf.run import changes_from_saved
+
+    if changes := changes_from_saved(path, recipe):
         raise RunError(
-            f"{path}: finished with a different recipe ({'; '.join(changes[:3])}); pass the same "
+            f"{path}: finished with a different recipe ({changes}); pass the same "
             "--set options, or use a new --out (or remove that folder) to rerun it"
         )
 

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mace_mf.errors import RecipeError
 
 FIDELITY_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]*$"
-# `tied` coupling's default L2 strength: the best of 0.1 / 1 / 10 on the PM6/DFT validation split
-# (docs/benchmarks.md, "Tuning the tied strength"); the penalty is on readout weights, unitless.
+# `tied` coupling's default L2 strength: 1 and 10 tie, 0.1 is worse, on the PM6/DFT validation split
+# (docs/benchmarks.md, the 600-geometry screen); the penalty is on readout weights, unitless.
 TIED_STRENGTH = 1.0
 # Names users bring from mace_run_train flags, mapped to ours, for did-you-mean hints.
 FAMILIAR_NAMES = {

@@ -54,6 +54,7 @@ from mace_mf.train import Trainer
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+RESOLVED_FILE = "recipe.resolved.yaml"
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -81,7 +82,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | No
             "metrics.json",
             "zero_shot_metrics.json",
             "report.md",
-            "recipe.resolved.yaml",
+            RESOLVED_FILE,
             "history.json",
             "train.log",
             "md_check.json",
@@ -168,11 +169,12 @@ def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype, frames
 
 
 def start_head(
-    recipe: Recipe, data_recipe: Recipe, foundation: torch.nn.Module, info: FoundationInfo, dtype: torch.dtype
+    recipe: Recipe, foundation: torch.nn.Module, info: FoundationInfo, dtype: torch.dtype
 ) -> tuple[torch.nn.Module, FoundationInfo, Splits]:
     """The foundation's starting head (restricted to the data's elements unless
-    ``foundation.elements: all``), the info that describes it, and the splits built for it."""
-    frames = select_frames(data_recipe, info)
+    ``foundation.elements: all``), the info that describes it, and the splits built for it.
+    ``recipe`` is the one whose data files are read (after on-the-fly labelling)."""
+    frames = select_frames(recipe, info)
     kept = data_elements(info, frames)
     single = extract_head(foundation, info.head)
     if recipe.foundation.elements == "data" and kept != info.atomic_numbers:
@@ -184,7 +186,7 @@ def start_head(
             sum(p.numel() for p in single.parameters()),
         )
         info = replace(info, atomic_numbers=kept)
-    return single, info, load_splits(data_recipe, info, dtype, frames)
+    return single, info, load_splits(recipe, info, dtype, frames)
 
 
 def assign_e0s(
@@ -332,16 +334,23 @@ def train_run(
 def _claim(recipe: Recipe, out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Take ``out`` for this run (checking a resumed run's recipe); the earlier run's record."""
     previous = prepare_out(out, resume, overwrite)
-    resolved = out / "recipe.resolved.yaml"
-    if resume and resolved.is_file():
-        saved = recipe_from_dict(yaml.safe_load(resolved.read_text()), str(resolved), out)
-        if changes := recipe_changes(saved, recipe):
-            raise RunError(
-                f"{resolved}: the recipe differs from the run being resumed ({'; '.join(changes[:3])}); "
-                "resume with the same recipe and --set options, or start a new --out"
-            )
-    atomic_write_text(resolved, dump_recipe(recipe))
+    if resume and (changes := changes_from_saved(out, recipe)):
+        raise RunError(
+            f"{out / RESOLVED_FILE}: the recipe differs from the run being resumed ({changes}); "
+            "resume with the same recipe and --set options, or start a new --out"
+        )
+    atomic_write_text(out / RESOLVED_FILE, dump_recipe(recipe))
     return previous
+
+
+def changes_from_saved(out: Path, recipe: Recipe) -> str:
+    """How ``recipe`` differs from the resolved recipe saved in run folder ``out`` (its first three
+    changed keys, ``key: old -> new``); empty when they are equal or nothing is saved."""
+    resolved = out / RESOLVED_FILE
+    if not resolved.is_file():
+        return ""
+    saved = recipe_from_dict(yaml.safe_load(resolved.read_text()), str(resolved), out)
+    return "; ".join(recipe_changes(saved, recipe)[:3])
 
 
 def _logged_run(
@@ -399,7 +408,7 @@ def _peer_training(
 
 def _unclaim(out: Path, fresh: bool) -> None:
     """Input rejected before anything ran: leave no folder that could pass for a run."""
-    for name in ("recipe.resolved.yaml", "train.log"):
+    for name in (RESOLVED_FILE, "train.log"):
         (out / name).unlink(missing_ok=True)
     if fresh and out.is_dir() and not any(out.iterdir()):
         out.rmdir()
@@ -426,7 +435,7 @@ def _train_run(
     cache_dir = Path(recipe.data.label_cache) if recipe.data.label_cache else out.resolve().parent / "label-cache"
     with rank0_first(dist):  # rank 0 labels into the cache, the others read it
         data_recipe, labelled_files = label_recipe_data(recipe, cache_dir)
-    single, info, splits = start_head(recipe, data_recipe, foundation, info, dtype)
+    single, info, splits = start_head(data_recipe, foundation, info, dtype)
     log.info(
         "data: %d train, %d valid, %d test configurations",
         len(splits.train),

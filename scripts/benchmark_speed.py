@@ -190,7 +190,7 @@ def build(ctx: Context, arm: str, name: str) -> Built:
     foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
     seconds["foundation_load_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    single, info, splits = start_head(recipe, recipe, foundation, info, dtype)
+    single, info, splits = start_head(recipe, foundation, info, dtype)
     seconds["read_and_graphs_s"] = time.perf_counter() - start
     seconds["configs_read"] = len(splits.train) + len(splits.valid)
     start = time.perf_counter()
