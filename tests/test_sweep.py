@@ -104,6 +104,9 @@ def test_shipped_sweeps_fit_their_recipes():
     assert len(trials) == 4 and len({(t["training.lr"], t["fidelities.xtb.forces_weight"]) for t in trials}) == 4
     pyseqm = load_sweep(ROOT / "recipes" / "sweep_pyseqm.yaml", load_recipe(ROOT / "recipes" / "pyseqm_mf.yaml"))
     assert len(plan(pyseqm, None, 0)) == 9 and pyseqm.metric == "valid/dft/f_rmse_meV_A"
+    ethanol = load_sweep(ROOT / "recipes" / "sweep_ethanol.yaml", load_recipe(ROOT / "recipes" / "ethanol_mf.yaml"))
+    weights = [t["fidelities.xtb.forces_weight"] for t in plan(ethanol, None, 0)]
+    assert weights[0] == 0.0 and ethanol.metric == "valid/pbe/f_rmse_meV_A"  # the energy-only fallback is a trial
 
 
 def test_ranking_follows_the_goal_and_puts_failures_last(tmp_path, tiny_recipe):
