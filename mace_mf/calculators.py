@@ -6,6 +6,8 @@ A spec is a short string a user can type and a recipe can hold:
   configuration from ``atoms.info`` (see :func:`charge_and_multiplicity`), never guessed from
   ASE's initial charges or magnetic moments, which extxyz files rarely carry on purpose;
 - ``mace:PATH[:head]``: pseudo-labels of a MACE file through stock ``MACECalculator``;
+- ``pyscf:<method>/<basis>``: HF, DFT, MP2 or CCSD(T) with PySCF (mace_mf.pyscf_calculator),
+  built fresh for every configuration like xTB;
 - ``module.path:ClassName``: any ASE calculator, built with the ``kwargs`` of the spec.
 
 This module is what labelling worker processes import, so it stays light at import time (no
@@ -35,7 +37,7 @@ from mace_mf.errors import LabelError
 
 TBLITE_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB", "ipea1-xtb": "IPEA1-xTB"}
 IMPORT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-SPEC_HELP = "use gfn2-xtb, gfn1-xtb, mace:PATH[:head] or module.path:ClassName"
+SPEC_HELP = "use gfn2-xtb, gfn1-xtb, pyscf:<method>/<basis>, mace:PATH[:head] or module.path:ClassName"
 # atoms.info keys read by the xTB methods (documented in the README and the recipe reference).
 CHARGE_KEY = "charge"
 MULTIPLICITY_KEYS = ("multiplicity", "spin")  # 2S+1; `spin` as MACE's calculator and fairchem read it
@@ -47,8 +49,8 @@ class CalculatorSpec:
     """A parsed ``--calculator`` value: picklable, so worker processes rebuild the calculator."""
 
     text: str
-    kind: str  # "tblite", "mace" or "import"
-    target: str  # tblite method name, model path, or module:Class
+    kind: str  # "tblite", "pyscf", "mace" or "import"
+    target: str  # tblite method name, pyscf method/basis, model path, or module:Class
     head: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -108,6 +110,14 @@ def parse_calculator_spec(text: str, kwargs: dict[str, Any] | None = None) -> Ca
     name = text.strip()
     if name.lower() in TBLITE_METHODS:
         return CalculatorSpec(name.lower(), "tblite", TBLITE_METHODS[name.lower()], None, kwargs)
+    if name.lower().startswith("pyscf:"):
+        from mace_mf.pyscf_calculator import split_level
+
+        try:
+            method, basis = split_level(name[len("pyscf:") :])
+        except ValueError as exc:
+            raise LabelError(f"--calculator {text!r}: {exc}") from None
+        return CalculatorSpec(f"pyscf:{method}/{basis}", "pyscf", f"{method}/{basis}", None, kwargs)
     if name.startswith("mace:"):
         rest = name[len("mace:") :]
         path, head = rest, None
@@ -216,10 +226,22 @@ def build_calculator(spec: CalculatorSpec) -> Calculator:
         raise LabelError(f"--calculator {spec.text}: {exc}; check --calc-kwargs") from None
 
 
+def pyscf_calculator(spec: CalculatorSpec) -> Calculator:
+    """A fresh PySCF calculator of the spec's level (cheap: the work is in each calculation)."""
+    from mace_mf.pyscf_calculator import PySCF
+
+    try:
+        return PySCF(spec.target, **spec.kwargs)
+    except (TypeError, ValueError) as exc:
+        raise LabelError(f"--calculator {spec.text}: {exc}; check --calc-kwargs") from None
+
+
 def calculator_for(spec: CalculatorSpec, atoms: Atoms) -> Calculator:
-    """The calculator that labels ``atoms``: fresh for xTB, reused (and reset) otherwise."""
+    """The calculator that labels ``atoms``: fresh for xTB and PySCF, reused (and reset) otherwise."""
     if spec.kind == "tblite":
         return tblite_calculator(spec.target, atoms, **spec.kwargs)
+    if spec.kind == "pyscf":
+        return pyscf_calculator(spec)
     calc = _CACHED.get(str(spec))
     if calc is None:
         calc = _CACHED[str(spec)] = build_calculator(spec)
@@ -227,8 +249,22 @@ def calculator_for(spec: CalculatorSpec, atoms: Atoms) -> Calculator:
     return calc
 
 
-def check_calculator(spec: CalculatorSpec) -> None:
-    """Fail early, with one line, on a spec that cannot label anything (missing package, bad kwargs)."""
+def check_calculator(spec: CalculatorSpec, forces: bool = True) -> None:
+    """Fail early, with one line, on a spec that cannot label anything (missing package, bad kwargs,
+    an unknown method or basis, forces asked of an energy-only method)."""
+    if spec.kind == "pyscf":
+        try:
+            from mace_mf.pyscf_calculator import ENERGY_ONLY_METHODS, check_level
+        except ImportError:
+            raise LabelError("pyscf is not installed; pip install pyscf (or mace-mf[dft])") from None
+        calc = pyscf_calculator(spec)
+        try:
+            check_level(calc.method, calc.basis)
+        except ValueError as exc:
+            raise LabelError(f"--calculator {spec.text}: {exc}") from None
+        if forces and (calc.method in ENERGY_ONLY_METHODS or (calc.method == "mp2" and calc.density_fit)):
+            raise LabelError(f"--calculator {spec.text}: no analytic forces in PySCF; label with --energies-only")
+        return
     if spec.kind == "tblite":
         probe = Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])
         try:
@@ -239,17 +275,22 @@ def check_calculator(spec: CalculatorSpec) -> None:
     _CACHED[str(spec)] = build_calculator(spec)
 
 
-def compute(spec: CalculatorSpec, atoms: Atoms) -> tuple[float, np.ndarray]:
-    """Energy (eV) and forces (eV/Å) of one configuration; raises on failure or non-finite results."""
+def compute(spec: CalculatorSpec, atoms: Atoms, forces: bool = True) -> tuple[float, np.ndarray | None]:
+    """Energy (eV) and, when asked, forces (eV/Å) of one configuration; raises on failure or
+    non-finite results. Energies only skip the gradient (most of the cost of a correlated method)."""
     work = atoms.copy()
     work.calc = calculator_for(spec, atoms)
     energy = float(np.asarray(work.get_potential_energy()).reshape(()))
-    forces = np.array(work.get_forces(), dtype=float)
-    if forces.shape != (len(atoms), 3):
-        raise ValueError(f"forces of shape {forces.shape}, expected ({len(atoms)}, 3)")
-    if not (np.isfinite(energy) and np.isfinite(forces).all()):
-        raise ValueError("non-finite energy or forces")
-    return energy, forces
+    if not np.isfinite(energy):
+        raise ValueError("non-finite energy")
+    if not forces:
+        return energy, None
+    values = np.array(work.get_forces(), dtype=float)
+    if values.shape != (len(atoms), 3):
+        raise ValueError(f"forces of shape {values.shape}, expected ({len(atoms)}, 3)")
+    if not np.isfinite(values).all():
+        raise ValueError("non-finite forces")
+    return energy, values
 
 
 def one_line(exc: BaseException) -> str:
@@ -274,14 +315,17 @@ def init_worker(kind: str) -> None:
         torch.set_num_threads(1)
 
 
-def label_chunk(spec: CalculatorSpec, items: list[tuple[int, Atoms]]) -> list[dict[str, Any]]:
+def label_chunk(spec: CalculatorSpec, items: list[tuple[int, Atoms]], forces: bool = True) -> list[dict[str, Any]]:
     """Label a few configurations; a failure is a result with a reason, never an exception."""
     results: list[dict[str, Any]] = []
     for index, atoms in items:
         try:
-            energy, forces = compute(spec, atoms)
+            energy, values = compute(spec, atoms, forces)
         except Exception as exc:  # any calculator error is this configuration's failure
             results.append({"index": index, "error": one_line(exc)})
             continue
-        results.append({"index": index, "energy": energy, "forces": forces.tolist()})
+        record: dict[str, Any] = {"index": index, "energy": energy}
+        if values is not None:
+            record["forces"] = values.tolist()
+        results.append(record)
     return results

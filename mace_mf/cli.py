@@ -153,8 +153,11 @@ def export(
     out: Annotated[Path, typer.Option(help="Folder for the exported files.")],
     fidelity: Annotated[list[str] | None, typer.Option(help="Head(s) to export (default: all).")] = None,
     torchscript: Annotated[bool, typer.Option(help="Also write TorchScript files.")] = True,
+    lammps: Annotated[
+        bool, typer.Option(help="Also write <fidelity>.model-lammps.pt for LAMMPS pair_style mace.")
+    ] = False,
 ) -> None:
-    """Write single-head, multi-head and TorchScript files from a multi-head model."""
+    """Write single-head, multi-head, TorchScript (and LAMMPS) files from a model or a run."""
     from mace_mf.export import export_models
     from mace_mf.heads import head_names
     from mace_mf.inference import load_model_file
@@ -166,7 +169,7 @@ def export(
             raise DataError(f"--fidelity {name!r}: not a head of {model_or_run} (heads: {names})")
     if out.exists() and any(out.glob("*.model")):
         raise RunError(f"{out}: already holds exported models; choose another --out")
-    export_models(model, list(fidelity or names), out, multihead=True, torchscript=torchscript)
+    export_models(model, list(fidelity or names), out, multihead=True, torchscript=torchscript, lammps=lammps)
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -217,6 +220,7 @@ def label(
         str,
         typer.Option(
             help="gfn2-xtb | gfn1-xtb (tblite; atoms.info charge, multiplicity/spin or uhf) | "
+            "pyscf:<method>/<basis> (HF, DFT, MP2, CCSD(T); charge and spin as for xTB) | "
             "mace:PATH[:head] | module.path:ClassName"
         ),
     ],
@@ -224,6 +228,9 @@ def label(
         list[str] | None,
         typer.Option("--calc-kwargs", help="Calculator keyword arguments: a JSON object or key=value (repeatable)."),
     ] = None,
+    energies_only: Annotated[
+        bool, typer.Option(help="Compute energies only (no forces): the high level on training geometries.")
+    ] = False,
     workers: Annotated[int, typer.Option(help="Worker processes (one thread each).")] = 1,
     chunk_size: Annotated[int, typer.Option(help="Configurations per task sent to a worker.")] = 1,
     overwrite_labels: Annotated[bool, typer.Option(help="Replace <fidelity>_* labels already in INPUT.")] = False,
@@ -247,7 +254,7 @@ def label(
             output,
             spec,
             f"{fidelity}_energy",
-            f"{fidelity}_forces",
+            None if energies_only else f"{fidelity}_forces",
             workers=workers,
             resume=resume,
             overwrite=overwrite,

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import mace  # noqa: F401  (before e3nn: mace relaxes torch.load for e3nn's constants)
 import numpy as np
@@ -41,6 +43,20 @@ DELTA_ATTRIBUTE = "mf_delta_bases"
 # is added to the node embedding, so heads differ inside the network (SevenNet-MF style). One-hot
 # element inputs make it foldable into the embedding weights of a single-head export.
 EMBEDDING_PARAMETER = "mf_fidelity_embedding"
+
+
+# What TorchScript says of every e3nn layer it scripts (e3nn's code generation, on building a
+# readout and on compiling a model): harmless for these classes, and noise in a user's log.
+TORCHSCRIPT_ANNOTATION_WARNING = r"The TorchScript type system doesn't support instance-level annotations"
+
+
+@contextmanager
+def torchscript_quiet() -> Iterator[None]:
+    """Silence exactly TorchScript's instance-level-annotation ``UserWarning`` inside the block;
+    every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=TORCHSCRIPT_ANNOTATION_WARNING, category=UserWarning)
+        yield
 
 
 def head_names(model: torch.nn.Module) -> list[str]:
@@ -80,19 +96,20 @@ def _with_heads(
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        for readout in readouts:
-            if isinstance(readout, LinearReadoutBlock):
-                block = LinearReadoutBlock(readout.linear.irreps_in, o3.Irreps(f"{num}x0e"))
-            else:
-                k = hidden or _hidden_per_head(readout, len(head_names(model)))
-                block = NonLinearReadoutBlock(
-                    readout.linear_1.irreps_in,
-                    o3.Irreps(f"{num * k}x0e"),
-                    readout.non_linearity.acts[0].f,
-                    o3.Irreps(f"{num}x0e"),
-                    num,
-                )
-            fresh.append(block.to(dtype))
+        with torchscript_quiet():  # e3nn scripts each new layer
+            for readout in readouts:
+                if isinstance(readout, LinearReadoutBlock):
+                    block = LinearReadoutBlock(readout.linear.irreps_in, o3.Irreps(f"{num}x0e"))
+                else:
+                    k = hidden or _hidden_per_head(readout, len(head_names(model)))
+                    block = NonLinearReadoutBlock(
+                        readout.linear_1.irreps_in,
+                        o3.Irreps(f"{num * k}x0e"),
+                        readout.non_linearity.acts[0].f,
+                        o3.Irreps(f"{num}x0e"),
+                        num,
+                    )
+                fresh.append(block.to(dtype))
     finally:
         torch.set_default_dtype(previous)
     copy_.readouts = torch.nn.ModuleList(fresh)

@@ -115,6 +115,7 @@ def _run_pool(
     workers: int,
     chunk_size: int,
     on_result: Callable[[dict[str, Any]], None],
+    forces: bool = True,
 ) -> None:
     """Label ``pending`` in a process pool; a crashed worker costs only its own configuration.
 
@@ -144,7 +145,7 @@ def _run_pool(
                             exhausted = True
                             break
                         items = [(i, _bare(frames[i])) for i in chunk]
-                        running.add(pool.submit(label_chunk, spec, items))
+                        running.add(pool.submit(label_chunk, spec, items, forces))
                     done, running = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                     for future in done:
                         for result in future.result():
@@ -221,10 +222,14 @@ def label_frames(
     resume: bool = False,
     chunk_size: int = 1,
     progress: bool = True,
+    forces: bool = True,
 ) -> tuple[dict[int, dict[str, Any]], dict[int, str], int]:
-    """Label every configuration, streaming results to the sidecar cache; return results, failures, reused."""
+    """Label every configuration, streaming results to the sidecar cache; return results, failures, reused.
+
+    ``forces=False`` computes energies only (no gradient: most of a correlated method's cost)."""
     partial = partial_path(output)
     results: dict[int, dict[str, Any]] = {}
+    check_calculator(spec, forces)  # before any file exists: a refused spec leaves nothing behind
     if partial.is_file():
         if not resume:
             raise LabelError(
@@ -239,7 +244,6 @@ def label_frames(
     failures: dict[int, str] = {}
     if not pending:
         return results, failures, reused
-    check_calculator(spec)
     with open(partial, "a") as cache, _progress(len(frames), reused, str(spec), progress) as advance:
         last_sync = time.monotonic()
 
@@ -256,7 +260,7 @@ def label_frames(
                 results[record["index"]] = record
             advance(len(failures))
 
-        _run_pool(spec, frames, pending, workers, chunk_size, on_result)
+        _run_pool(spec, frames, pending, workers, chunk_size, on_result, forces)
         os.fsync(cache.fileno())
     return results, failures, reused
 
@@ -329,7 +333,9 @@ def label_file(
         "energy_key": energy_key,
         "forces_key": forces_key,
     }
-    results, failures, reused = label_frames(frames, spec, output, header, workers, resume, chunk_size, progress)
+    results, failures, reused = label_frames(
+        frames, spec, output, header, workers, resume, chunk_size, progress, forces=forces_key is not None
+    )
     for i, atoms in enumerate(frames):
         _drop_labels(atoms, energy_key, forces_key)
         record = results.get(i)

@@ -307,6 +307,11 @@ class ExportSpec(_Section):
     torchscript: bool = Field(
         default=True, description="Also write `<fidelity>.compiled.model` (TorchScript) per head."
     )
+    lammps: bool = Field(
+        default=False,
+        description="Also write `<fidelity>.model-lammps.pt` per head for LAMMPS `pair_style mace`, as "
+        "mace-torch's `mace_create_lammps_model` makes it (float64, `LAMMPS_MACE`, TorchScript).",
+    )
 
 
 class MDCheckSpec(_Section):

@@ -475,8 +475,9 @@ def _train_run(
         atomic_write_text(out / "history.json", json.dumps(history.__dict__, indent=2))
         metrics = evaluate_all(model, splits, recipe, device, plots=out / "plots") if trains else zero_shot
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+        spec = recipe.export
         files = export_models(
-            model, recipe.export_fidelities, out / "models", recipe.export.multihead, recipe.export.torchscript
+            model, recipe.export_fidelities, out / "models", spec.multihead, spec.torchscript, spec.lammps
         )
         md_record = final_md_check(model, recipe, splits, out)
         wall = time.perf_counter() - started

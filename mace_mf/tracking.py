@@ -14,6 +14,14 @@ sweeps rank trials by exactly the names W&B shows:
 A run that resumes passes the W&B id stored in ``run.json``, so the W&B run continues too. Online
 without an API key or without a reachable server falls back to offline and says, in one line, how
 to upload later.
+
+Offline runs are only as durable as their ``.wandb`` transaction log. wandb-core buffers it and by
+default writes it every 15 s, so a run killed in between (``kill -9``, the OOM killer, a lost node)
+used to leave a file holding the header alone: no run record, nothing to sync, the epochs before
+the last checkpoint gone. The log is flushed every :data:`FLUSH_INTERVAL_S` here, so what was
+logged before a checkpoint is on disk before the next epoch ends. A resumed part that starts in
+the same second as the earlier one goes to ``offline-run-<time>-<id>-1``: the sync command printed
+covers every part.
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ TRAIN_TERMS = ("e_mse", "f_mse")
 VALID_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("n_"))
 LR_GROUPS = ("embedding", "interactions", "products", "readouts", "other")
 SPLITS = ("train", "valid", "test")
+FLUSH_INTERVAL_S = 1.0  # seconds between writes of the offline transaction log (wandb's default: 15)
 
 
 def flatten_epoch(record: dict[str, Any]) -> dict[str, float]:
@@ -115,6 +124,7 @@ class WandbTracker(Tracker):
             dir=os.environ.get("WANDB_DIR", str(out)),
             id=resume_id,
             resume="allow" if resume_id else None,
+            settings=durable_settings(wandb),
         )
         self.run_id = self.run.id
         self.offline = mode == "offline"
@@ -131,8 +141,9 @@ class WandbTracker(Tracker):
 
     @property
     def sync_glob(self) -> str:
-        """The run's offline folders, the first one and any resumed parts: what `wandb sync` takes."""
-        return str(Path(self.run.dir).parent.parent / f"offline-run-*-{self.run.id}")
+        """The run's offline folders, the first one and any resumed parts (``...-<id>`` and, for a
+        part started in the same second as the one before, ``...-<id>-1``): what `wandb sync` takes."""
+        return str(Path(self.run.dir).parent.parent / f"offline-run-*-{self.run.id}*")
 
     def log_epoch(self, record: dict[str, Any]) -> None:
         self.run.log(flatten_epoch(record))
@@ -159,6 +170,15 @@ class WandbTracker(Tracker):
         self.run.finish(exit_code=1 if failed else 0)
         if self.offline:
             log.info("wandb: offline run %s; upload with `wandb sync %s`", self.run.id, self.sync_glob)
+
+
+def durable_settings(wandb: Any) -> Any:
+    """W&B settings that write the offline transaction log every :data:`FLUSH_INTERVAL_S` (the
+    setting is in wandb 0.31; a release without it keeps its own default)."""
+    name = "x_transaction_log_flush_interval"
+    if name not in getattr(wandb.Settings, "model_fields", {}):
+        return None
+    return wandb.Settings(**{name: FLUSH_INTERVAL_S})
 
 
 def model_artifact(wandb: Any, run_id: str, out: Path, files: list[Path], metadata: dict[str, Any]) -> Any:
@@ -214,6 +234,16 @@ def _reachable(host: str, timeout: float = 3.0) -> bool:
 
 
 def make_tracker(recipe: Recipe, out: Path, recipe_file: Path | None, resume_id: str | None) -> Tracker:
+    """The run's tracker. The recipe decides the mode: a ``WANDB_MODE`` in the environment does not
+    switch a disabled run on (the log says so, since a user who set it expects a W&B run)."""
     if recipe.wandb.mode == "disabled":
+        asked = os.environ.get("WANDB_MODE")
+        if asked and asked != "disabled":
+            log.info(
+                "wandb: disabled by the recipe (wandb.mode: disabled), so WANDB_MODE=%s is not used; "
+                "set wandb.mode or pass --wandb %s to log this run",
+                asked,
+                "offline" if asked == "dryrun" else asked,
+            )
         return Tracker()
     return WandbTracker(recipe, out, recipe_file, resume_id)

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import yaml
 from support import ROOT, write_recipe
-from wandb_records import read_records
+from wandb_records import of_type, read_records, run_config, summary_of
 
 from mace_mf.cli import main
 from mace_mf.errors import RecipeError
@@ -172,21 +172,14 @@ def test_offline_grid_sweep_runs_four_trials_in_one_group_stops_on_ctrl_c_contin
         assert trial["metric"] == min(r["valid"]["hi"]["f_rmse_meV_A"] for r in history)
         (run_file,) = wandb_env.glob(f"wandb/offline-run-*-{trial['wandb_id']}/run-*.wandb")
         records = read_records(run_file)
-        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        assert run.run_group == "sweep" and run.display_name == f"sweep-{trial['trial']}"
-        config = {item.key: json.loads(item.value_json) for item in run.config.update}
+        (run,) = of_type(records, "run")
+        assert run["run_group"] == "sweep" and run["display_name"] == f"sweep-{trial['trial']}"
+        config = run_config(run)
         pair = (config["training"]["lr"], config["fidelities"]["lo"]["forces_weight"])
         assert pair == (trial["params"]["training.lr"], trial["params"]["fidelities.lo.forces_weight"])
         configs.add(pair)
         # the local ranking uses the number W&B holds as the run's best value of the metric
-        summary_items = [
-            item
-            for r in records
-            if r.WhichOneof("record_type") == "summary"
-            for item in r.summary.update
-            if "/".join(item.nested_key) == "valid/hi/f_rmse_meV_A"
-        ]
-        assert json.loads(summary_items[-1].value_json) == {"min": trial["metric"]}
+        assert summary_of(records)["valid/hi/f_rmse_meV_A"] == {"min": trial["metric"]}
     assert configs == {(lr, w) for lr in (0.001, 0.005) for w in (1.0, 10.0)}
     table = [line for line in (out / "trials.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 5 and table[1].startswith(f"| 1 | {trials[0]['trial']} | complete |")
@@ -231,7 +224,7 @@ def test_a_trial_from_the_wandb_agent_takes_its_run_id_and_parameters(tmp_path, 
     assert record["status"] == "complete" and record["wandb_id"] == "agentrun1"
     assert record["params"] == {"training.lr": 0.003}
     (run_file,) = wandb_env.glob("wandb/offline-run-*-agentrun1/run-agentrun1.wandb")
-    (run_record,) = [r.run for r in read_records(run_file) if r.WhichOneof("record_type") == "run"]
-    config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
-    assert config["training"]["lr"] == 0.003 and run_record.run_group == "g"
+    (run_record,) = of_type(read_records(run_file), "run")
+    config = run_config(run_record)
+    assert config["training"]["lr"] == 0.003 and run_record["run_group"] == "g"
     assert json.loads((tmp_path / "sweep" / "trials.json").read_text())["trials"][0]["trial"] == "trial-agentrun1"

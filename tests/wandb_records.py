@@ -1,50 +1,45 @@
-"""Read an offline W&B run file (``run-<id>.wandb``) back into protobuf records, for tests.
+"""Read an offline W&B run file (``run-<id>.wandb``) back with wandb's own reader, for tests.
 
-wandb 0.31 writes a 7-byte header, then LevelDB-log framing in 32 KiB blocks: each chunk is a 4-byte
-checksum, a 2-byte little-endian length, a 1-byte type (1 full, 2 first, 3 middle, 4 last) and the
-payload; a block's tail shorter than a chunk header is zero padding. Payloads are
-``wandb.proto.wandb_internal_pb2.Record`` messages.
+``wandb leet inspect --json FILE`` (wandb-core, shipped with the wandb package) prints one JSON
+object per record: ``{"num": n, "type": "run" | "history" | "summary" | "files" | "artifact" |
+..., "<type>": {...}}``. Nested metric keys are joined with ``.`` (``plots/x.path``), values are
+decoded JSON, and a record torn by a killed process is skipped by the reader, not misparsed.
 """
 
 from __future__ import annotations
 
-import struct
+import json
+import subprocess
+import sys
 from pathlib import Path
-
-BLOCK = 32 * 1024
-HEADER = 7
-CHUNK_HEADER = 7
+from typing import Any
 
 
-def read_records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Every record of ``path``, in file order, as wandb-core decodes it."""
+    command = [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"wandb leet inspect {path} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
-    data = Path(path).read_bytes()
-    records, pending = [], b""
-    offset = HEADER
-    while offset + CHUNK_HEADER <= len(data):
-        block_left = BLOCK - (offset % BLOCK)
-        if block_left < CHUNK_HEADER:
-            offset += block_left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[offset : offset + CHUNK_HEADER])
-        if length == 0 and kind == 0:
-            offset += block_left  # zero padding up to the next block
-            continue
-        payload = data[offset + CHUNK_HEADER : offset + CHUNK_HEADER + length]
-        offset += CHUNK_HEADER + length
-        if kind == 1:
-            pending = payload
-        elif kind == 2:
-            pending = payload
-            continue
-        elif kind == 3:
-            pending += payload
-            continue
-        else:
-            pending += payload
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(pending)
-        records.append(record)
-        pending = b""
-    return records
+
+def of_type(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """The bodies of the records of one type (``run``, ``history``, ``summary``, ...)."""
+    return [record[kind] for record in records if record["type"] == kind]
+
+
+def history_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [h["item"] for h in of_type(records, "history")]
+
+
+def summary_of(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run's summary as the last update of each key left it."""
+    summary: dict[str, Any] = {}
+    for update in of_type(records, "summary"):
+        summary.update(update.get("update", {}))
+    return summary
+
+
+def run_config(run: dict[str, Any]) -> dict[str, Any]:
+    return run["config"]["update"]

@@ -1,0 +1,181 @@
+"""Build the seed-regime data set: DFT-quality forces plus higher-level energies on the same geometries.
+
+The seed paper (Messerly et al., MLST 2025) trains on low-level DFT energies and forces and
+high-level energies on the same geometries, and scores the high head on high-level forces that were
+never trained on. This script makes such a set from scratch, with ``mace-mf label`` (the labelling
+engine of :mod:`mace_mf.labelling`, resumable) and PySCF:
+
+* geometries: 24 C/H/N/O molecules of ASE's g2 collection with 3-7 atoms (closed shells and three
+  radicals, several absent from the demo foundation's pretraining set), sampled by GFN2-xTB Langevin
+  MD at 800-1500 K (hotter than the foundation's 500-800 K), randomly rotated and rattled; frames
+  with atoms closer than 0.7 Å or a changed bond graph are rejected (the sampling of
+  ``scripts/make_demo_data.py``, another random stream);
+* a ladder of four levels on every geometry, energies and forces each:
+  ``xtb`` GFN2-xTB (tblite), ``svp`` PBE0/def2-SVP, ``tzvp`` PBE0/def2-TZVP, ``qzvp`` PBE0/def2-QZVP
+  (density-fitted RKS/UKS, grid level 3, SCF to 1e-10 Ha; ``mace_mf.pyscf_calculator``). A recipe
+  picks its low and high level from the ladder (``recipes/seed_regime.yaml``: ``tzvp`` forces and
+  ``qzvp`` energies, a basis-set step up); high-level forces on the training geometries exist only
+  for the oracle arm of ``mace-mf bench``, and are scored, never trained on, by every other arm;
+* a seeded split into train/valid/test (160/40/40), then the label gaps between the levels
+  (force RMSE, and energy RMSE per atom after a per-element offset fit) printed and written to
+  ``gaps.json``.
+
+Every step is resumable: the sampled geometries are written once, and each labelling step keeps
+its results in ``<file>.partial.jsonl`` as they arrive, so running the script again after a kill
+continues where it stopped. Work files live in ``<out>/work/``; the final ``train.xyz``,
+``valid.xyz``, ``test.xyz`` and ``gaps.json`` are written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import ase.io
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_demo_data import SamplingOptions, per_molecule_counts, sample_molecule, to_atoms
+
+from mace_mf.calculators import parse_calculator_spec
+from mace_mf.files import atomic_write_text
+from mace_mf.labelling import label_file
+
+LOG = logging.getLogger("make_seed_regime_data")
+
+MOLECULES: tuple[str, ...] = (
+    "H2O", "NH3", "CH4", "HCN", "CO2", "H2CO", "C2H2", "C2H4", "CH3OH", "N2H4", "HCOOH", "CH3CN",
+    "H2O2", "H2CCO", "N2O", "NCCN", "OCHCHO", "CH3NO2", "CH3CHO", "CH2OCH2", "H3CNH2",
+    "CH3", "NH2", "HCO",
+)  # fmt: skip
+# name -> PySCF level; the xTB labels come with the MD sampling.
+LEVELS: dict[str, str] = {"svp": "pbe0/def2-svp", "tzvp": "pbe0/def2-tzvp", "qzvp": "pbe0/def2-qzvp"}
+SPLITS = ("test", "valid", "train")  # the scoring splits first: a partial ladder is already usable
+SAMPLING_STREAM = 7  # an independent stream of make_demo_data's seed scheme (the demo uses 0 and 1)
+
+
+def sample(out: Path, seed: int, per_molecule: int, opts: SamplingOptions, workers: int) -> list:
+    """Sampled geometries with GFN2-xTB labels (``geometries.xyz``, written once and reused)."""
+    path = out / "work" / "geometries.xyz"
+    if path.is_file():
+        return ase.io.read(path, ":")
+    counts = per_molecule_counts(per_molecule * len(MOLECULES), len(MOLECULES))
+    tasks = [
+        (name, n, (seed, SAMPLING_STREAM, i), opts, "GFN2-xTB")
+        for i, (name, n) in enumerate(zip(MOLECULES, counts, strict=True))
+    ]
+    with mp.get_context("spawn").Pool(workers) as pool:
+        frames = [f for batch in pool.starmap(sample_molecule, tasks, chunksize=1) for f in batch]
+    configs = []
+    for config_id, frame in enumerate(frames):
+        atoms = to_atoms(frame, config_id)
+        atoms.info["xtb_energy"] = frame.xtb_energy
+        atoms.arrays["xtb_forces"] = frame.xtb_forces
+        configs.append(atoms)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ase.io.write(str(path) + ".tmp", configs, format="extxyz")
+    os.replace(str(path) + ".tmp", path)
+    LOG.info("sampled %d geometries of %d molecules", len(configs), len(MOLECULES))
+    return configs
+
+
+def split(configs: list, n_valid: int, n_test: int, seed: int, out: Path) -> dict[str, Path]:
+    """Seeded random split, each file sorted by config_id (``work/<split>.xtb.xyz``)."""
+    order = np.random.default_rng(np.random.SeedSequence([seed, SAMPLING_STREAM, 10_000])).permutation(len(configs))
+    parts = {"valid": order[:n_valid], "test": order[n_valid : n_valid + n_test], "train": order[n_valid + n_test :]}
+    paths = {}
+    for name, indices in parts.items():
+        paths[name] = out / "work" / f"{name}.xtb.xyz"
+        if not paths[name].is_file():
+            ase.io.write(paths[name], [configs[i] for i in sorted(indices)], format="extxyz")
+    return paths
+
+
+def label_ladder(paths: dict[str, Path], workers: int) -> dict[str, Path]:
+    """Add every PySCF level to every split, resumably; return the fully labelled file per split."""
+    current = dict(paths)
+    for level, spec_text in LEVELS.items():
+        spec = parse_calculator_spec(f"pyscf:{spec_text}")
+        for name in SPLITS:
+            target = current[name].with_name(current[name].name.replace(".xyz", f".{level}.xyz"))
+            if not target.is_file():
+                report = label_file(
+                    current[name], target, spec, f"{level}_energy", f"{level}_forces", workers=workers, resume=True
+                )
+                LOG.info("%s", report.summary())
+            current[name] = target
+    return current
+
+
+def gaps(files: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Force RMSE (meV/Å) and per-atom energy RMSE after a per-element offset fit (meV/atom) between
+    every pair of levels, over all splits; and each level's force RMS."""
+    frames = [a for name in SPLITS for a in ase.io.read(files[name], ":")]
+    names = ["xtb", *LEVELS]
+    counts = np.array([np.bincount(a.numbers, minlength=9) for a in frames], dtype=float)
+    natoms = counts.sum(1)
+    result: dict[str, dict[str, float]] = {}
+    for level in names:
+        forces = np.concatenate([a.arrays[f"{level}_forces"].ravel() for a in frames])
+        result[level] = {"force_rms_meV_A": float(1000 * np.sqrt((forces**2).mean()))}
+    for i, low in enumerate(names):
+        for high in names[i + 1 :]:
+            df = np.concatenate([(a.arrays[f"{high}_forces"] - a.arrays[f"{low}_forces"]).ravel() for a in frames])
+            de = np.array([a.info[f"{high}_energy"] - a.info[f"{low}_energy"] for a in frames])
+            residual = de - counts @ np.linalg.lstsq(counts, de, rcond=None)[0]
+            result[f"{low}->{high}"] = {
+                "force_rmse_meV_A": float(1000 * np.sqrt((df**2).mean())),
+                "energy_rmse_meV_atom": float(1000 * np.sqrt(((residual / natoms) ** 2).mean())),
+            }
+    return result
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo/seed_regime"), help="output directory")
+    parser.add_argument("--seed", type=int, default=2024, help="base seed of every random stream")
+    parser.add_argument("--per-molecule", type=int, default=10, help="geometries per molecule")
+    parser.add_argument("--n-valid", type=int, default=40, help="validation geometries")
+    parser.add_argument("--n-test", type=int, default=40, help="test geometries")
+    parser.add_argument("--t-min", type=float, default=800.0, help="lowest MD temperature (K)")
+    parser.add_argument("--t-max", type=float, default=1500.0, help="highest MD temperature (K)")
+    parser.add_argument("--rattle", type=float, default=0.03, help="Gaussian rattle on frames (Å)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="labelling worker processes")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    opts = SamplingOptions(
+        t_min=args.t_min,
+        t_max=args.t_max,
+        timestep_fs=0.5,
+        friction_per_fs=0.02,
+        equil_steps=200,
+        stride=20,
+        rattle=args.rattle,
+        min_dist=0.7,
+    )
+    start = time.perf_counter()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    configs = sample(args.out, args.seed, args.per_molecule, opts, args.workers)
+    files = label_ladder(split(configs, args.n_valid, args.n_test, args.seed, args.out), args.workers)
+    for name in SPLITS:
+        atomic_write_text(args.out / f"{name}.xyz", files[name].read_text())
+    measured = gaps(files)
+    atomic_write_text(args.out / "gaps.json", json.dumps(measured, indent=2) + "\n")
+    for key, values in measured.items():
+        LOG.info("%-12s %s", key, ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
+    LOG.info("done in %.0f s: %s", time.perf_counter() - start, ", ".join(str(args.out / f"{n}.xyz") for n in SPLITS))
+
+
+if __name__ == "__main__":
+    main()
