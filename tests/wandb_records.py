@@ -2,8 +2,8 @@
 
 ``wandb leet inspect --json FILE`` (wandb-core, shipped with the wandb package) prints one JSON
 object per record: ``{"num": n, "type": "run" | "history" | "summary" | "files" | "artifact" |
-..., "<type>": {...}}``. Nested metric keys are joined with ``.`` (``plots/x.path``), values are
-decoded JSON, and a record torn by a killed process is skipped by the reader, not misparsed.
+..., "<type>": {...}}``. Nested metric keys are joined with ``.`` (``plots/x.path``) and values are
+decoded JSON.
 """
 
 from __future__ import annotations
