@@ -14,6 +14,13 @@ low-level *labels* as if they were a model of the high level (``label_gap``). A 
 head only inherits the low level's forces cannot do better than that, so it bounds what coupling
 alone can recover; anything beyond it must come from the high-level energies.
 
+Without high-level forces in the validation data (the user's real case: CCSD(T) energies only), the
+decision rests on displacement pairs (``data.valid_pairs``, mace_mf.pairs): each arm's directional
+force ``F·u`` against the high level's finite difference of two energies. :func:`decide` picks the arm
+with the lowest validation error (forces where they exist, else the pairs; never the oracle, which
+needs the forces the user lacks) and says, from a paired bootstrap over the pairs, whether the
+pairs resolve it from the runner-up, and how many high-level energies that rests on.
+
 Runs live in ``<out>/<arm>/seed<k>[/frac<f>]``; a finished run (``run.json`` status complete) is
 never rerun, so an interrupted benchmark continues where it stopped.
 """
@@ -34,9 +41,13 @@ import numpy as np
 from mace_mf.data import read_frames
 from mace_mf.errors import RecipeError, RunError
 from mace_mf.files import atomic_write_text
+from mace_mf.pairs import paired_preference, weighted_rmse
 from mace_mf.recipe import Recipe, load_recipe
 
 log = logging.getLogger(__name__)
+
+RESOLVED = 0.95  # share of bootstrap resamples of the pairs that must prefer the chosen arm
+SCORED = ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A", "fd_rmse_meV_A", "n_pairs")
 
 
 @dataclass(frozen=True)
@@ -181,7 +192,7 @@ def _score(path: Path, high: str) -> dict[str, Any]:
     for split in ("valid", "test"):
         if split in metrics:
             m = metrics[split][high]
-            entry[split] = {k: m[k] for k in ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A")}
+            entry[split] = {k: m.get(k) for k in SCORED}
     return entry
 
 
@@ -199,7 +210,7 @@ def summarise(scores: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
         row: dict[str, Any] = {"n": len(runs)}
         row["wall_time_s"], _ = _mean_std([r["wall_time_s"] for r in runs])
         for split in ("valid", "test"):
-            for metric in ("f_rmse_meV_A", "f_mae_meV_A", "e_rmse_meV_atom"):
+            for metric in ("f_rmse_meV_A", "f_mae_meV_A", "e_rmse_meV_atom", "fd_rmse_meV_A", "n_pairs"):
                 mean, std = _mean_std([r.get(split, {}).get(metric) for r in runs])
                 row[f"{split}/{metric}"] = mean
                 row[f"{split}/{metric}_std"] = std
@@ -271,19 +282,22 @@ def _fmt(mean: float | None, std: float | None = None, digits: int = 0) -> str:
 
 def markdown_table(summary: dict[str, dict[str, Any]], high: str, arms: dict[str, Arm]) -> str:
     """The results table: test figures (valid closure alongside), one row per arm and fraction."""
+    pairs = any(row.get("valid/fd_rmse_meV_A") is not None for row in summary.values())
+    pair_head = f" {high} F·u RMSE valid, pairs (meV/Å) |" if pairs else ""
     lines = [
         f"| arm | n | {high} F RMSE test (meV/Å) | {high} F MAE test | {high} E RMSE test (meV/atom) | "
-        "closure test | closure valid | wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"closure test | closure valid |{pair_head} wall (s) |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if pairs else ""),
     ]
     for key, row in summary.items():
         name = key.split("@")[0]
         label = f"`{key}`" + (f" ({arms[name].description})" if name in arms else "")
+        pair_cell = f" {_fmt(row['valid/fd_rmse_meV_A'], row['valid/fd_rmse_meV_A_std'])} |" if pairs else ""
         lines.append(
             f"| {label} | {row['n']} | {_fmt(row['test/f_rmse_meV_A'], row['test/f_rmse_meV_A_std'])} | "
             f"{_fmt(row['test/f_mae_meV_A'], row['test/f_mae_meV_A_std'])} | "
             f"{_fmt(row['test/e_rmse_meV_atom'], row['test/e_rmse_meV_atom_std'], 1)} | "
-            f"{_fmt(row['test/closure'], digits=2)} | {_fmt(row['valid/closure'], digits=2)} | "
+            f"{_fmt(row['test/closure'], digits=2)} | {_fmt(row['valid/closure'], digits=2)} |{pair_cell} "
             f"{_fmt(row['wall_time_s'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -298,8 +312,10 @@ def verdict(summary: dict[str, dict[str, Any]], mf_arm: str) -> str:
         if e_mf is None or e_eo is None:
             return "no verdict: run the energy-only and multi-fidelity arms first"
         return (
-            f"validation has no high-level forces, so force accuracy cannot be judged; energy RMSE "
-            f"{e_mf:.1f} ({mf_arm}) vs {e_eo:.1f} meV/atom (energies only)"
+            f"validation has no high-level forces and no displacement pairs, so force accuracy cannot be judged; "
+            f"energy RMSE {e_mf:.1f} ({mf_arm}) vs {e_eo:.1f} meV/atom (energies only). To decide: "
+            "mace-mf displace valid.xyz pairs.xyz --n 40, label the pairs with the high level "
+            "(--energies-only) and set data.valid_pairs"
         )
     closure = mf.get("valid/closure")
     tail = f", closure {closure:.2f}" if closure is not None else ""
@@ -309,6 +325,113 @@ def verdict(summary: dict[str, dict[str, Any]], mf_arm: str) -> str:
         f"multi-fidelity does NOT pay on this data: valid F RMSE {f_mf:.0f} ({mf_arm}) vs {f_eo:.0f} meV/Å "
         f"(energies only){tail}; train on the high-level energies alone"
     )
+
+
+def pair_squared_errors(path: Path, high: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Per-pair squared directional-force errors of one run's high head (NaN where a pair has no
+    high-level energies), the pairs' weights and the number of geometries; None without pairs."""
+    from mace_mf.run import PAIR_ERRORS_FILE
+
+    file = path / PAIR_ERRORS_FILE
+    if not file.is_file():
+        return None
+    record = json.loads(file.read_text())
+    errors = record["errors_meV_A"].get(high)
+    if not errors or all(e is None for e in errors):
+        return None
+    values = np.array([np.nan if e is None else e for e in errors], dtype=float)
+    return values**2, np.array(record["weights"], dtype=float), int(record.get("geometries", len(values)))
+
+
+def recommendation(arm: Arm, recipe_file: Path) -> str:
+    """The recipe that the chosen arm is, as a command."""
+    if not arm.overrides:
+        return f"the recipe as written: mace-mf train {recipe_file}"
+    sets = " ".join(f"--set {o}" for o in arm.overrides)
+    return f"{arm.description}: mace-mf train {recipe_file} {sets}"
+
+
+def decide(
+    runs: dict[str, list[Path]],
+    summary: dict[str, dict[str, Any]],
+    arms: dict[str, Arm],
+    high: str,
+    recipe_file: Path,
+    mf_arm: str,
+) -> dict[str, Any]:
+    """Which arm to train, decided on the validation split without the oracle.
+
+    On the high level's validation forces where every candidate has them; else on the displacement
+    pairs (mean over seeds of each pair's squared error, so every seed's model counts); else none.
+    ``preference`` is the share of bootstrap resamples of the pairs in which the choice beats the
+    runner-up; the decision is ``resolved`` from 0.95.
+    """
+    candidates = [k for k in runs if "@" not in k and k != "sf-high-ef"]
+    decision: dict[str, Any] = {"basis": None, "best": None, "runner_up": None, "resolved": False}
+    if len(candidates) < 2:
+        decision["line"] = "no decision: run at least two arms besides the oracle"
+        return decision
+    forces = {k: summary[k].get("valid/f_rmse_meV_A") for k in candidates}
+    if all(v is not None for v in forces.values()):
+        ranked = sorted(candidates, key=lambda k: forces[k])
+        best, second = ranked[:2]
+        decision.update(basis="forces", best=best, runner_up=second, values={k: forces[k] for k in ranked})
+        decision["resolved"] = True
+        decision["line"] = (
+            f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å; next {second} "
+            f"{forces[second]:.0f}). Recommended: {recommendation(arms[best], recipe_file)}"
+        )
+        return decision
+    squared: dict[str, np.ndarray] = {}
+    weights, geometries = None, 0
+    for key in candidates:
+        per_seed = [pair_squared_errors(path, high) for path in runs[key]]
+        if any(p is None for p in per_seed):
+            continue
+        squared[key] = np.nanmean(np.stack([p[0] for p in per_seed]), axis=0)  # type: ignore[index]
+        weights, geometries = per_seed[0][1], per_seed[0][2]  # type: ignore[index]
+    if len(squared) < 2 or weights is None:
+        decision["line"] = (
+            f"no decision on forces: validation has neither {high} forces nor labelled displacement pairs "
+            "(mace-mf displace, then data.valid_pairs)"
+        )
+        return decision
+    usable = np.all(np.isfinite(np.stack(list(squared.values()))), axis=0)
+    w = weights[usable]
+    values = {k: weighted_rmse(v[usable], w) for k, v in squared.items()}
+    ranked = sorted(values, key=values.get)  # type: ignore[arg-type]
+    best, second = ranked[:2]
+    preference, low, high_ratio = paired_preference(squared[best][usable], squared[second][usable], w)
+    n = int(usable.sum())
+    resolved = preference >= RESOLVED
+    decision.update(
+        basis="pairs",
+        best=best,
+        runner_up=second,
+        values={k: values[k] for k in ranked},
+        preference=preference,
+        ratio_90=[low, high_ratio],
+        resolved=resolved,
+        n_pairs=n,
+        n_energies=2 * n,
+        geometries=geometries,
+    )
+    if mf_arm in squared and "sf-high-e" in squared:
+        pays, _, _ = paired_preference(squared[mf_arm][usable], squared["sf-high-e"][usable], w)
+        decision["verdict"] = (
+            f"by {n} displacement pairs, multi-fidelity "
+            + ("pays" if values[mf_arm] < values["sf-high-e"] else "does NOT pay")
+            + f": valid F·u RMSE {values[mf_arm]:.0f} ({mf_arm}) vs {values['sf-high-e']:.0f} meV/Å (energies only), "
+            f"{mf_arm} preferred in {pays:.0%} of resamples"
+        )
+    state = "resolved" if resolved else f"NOT resolved (below {RESOLVED:.0%}: label more pairs)"
+    decision["line"] = (
+        f"decided without {high} forces, on {n} displacement pairs ({2 * n} {high} energies, {geometries} "
+        f"validation geometries): {best} has the lowest directional-force RMSE, {values[best]:.0f} meV/Å, against "
+        f"{second} {values[second]:.0f} (RMSE ratio {low:.2f}–{high_ratio:.2f}, 90 % bootstrap); preferred in "
+        f"{preference:.0%} of resamples of the pairs: {state}. Recommended: {recommendation(arms[best], recipe_file)}"
+    )
+    return decision
 
 
 def learning_curve_plot(summary: dict[str, dict[str, Any]], arms: list[str], high: str, path: Path) -> None:
@@ -375,11 +498,14 @@ def run_benchmark(
     jobs = [(arms[a], s, 1.0) for a in arm_names for s in seeds]
     jobs += [(arms[a], s, f) for f in fractions if f < 1.0 for a in fraction_arms for s in seeds]
     scores: dict[str, list[dict[str, Any]]] = {}
+    folders: dict[str, list[Path]] = {}
     for (arm, seed, fraction), path in zip(jobs, _run_jobs(recipe_file, jobs, high, out, common, workers), strict=True):
         key = arm.name if fraction >= 1.0 else f"{arm.name}@{fraction:g}"
         scores.setdefault(key, []).append({"seed": seed, **_score(path, high)})
+        folders.setdefault(key, []).append(path)
     summary = summarise(scores)
     mf_arm = next((a for a in ("mf", *arm_names) if a in summary and a.startswith("mf")), "mf")
+    decision = decide(folders, summary, arms, high, recipe_file, mf_arm)
     gaps = label_gap(base, low, high)
     result = {
         "recipe": str(recipe_file),
@@ -390,13 +516,20 @@ def run_benchmark(
         "runs": scores,
         "summary": summary,
         "label_gap": gaps,
-        "verdict": verdict(summary, mf_arm),
+        "verdict": decision.get("verdict") or verdict(summary, mf_arm),
+        "decision": decision,
     }
     gap_text = gap_line(gaps, summary, low, high)
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
     atomic_write_text(
         out / "results.md",
-        markdown_table(summary, high, arms) + "\n" + (gap_text + "\n\n" if gap_text else "") + result["verdict"] + "\n",
+        markdown_table(summary, high, arms)
+        + "\n"
+        + (gap_text + "\n\n" if gap_text else "")
+        + result["verdict"]
+        + "\n\n"
+        + decision["line"]
+        + "\n",
     )
     if any(f < 1.0 for f in fractions):
         learning_curve_plot(summary, fraction_arms, high, out / "learning_curve.png")

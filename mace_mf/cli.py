@@ -86,9 +86,9 @@ def train(
 
 def metrics_rich_table(metrics: dict) -> Table:
     """The metrics of every split and fidelity as a terminal table."""
-    from mace_mf.evaluate import METRIC_HEADERS, metrics_rows
+    from mace_mf.evaluate import metrics_header, metrics_rows
 
-    table = Table(*METRIC_HEADERS)
+    table = Table(*metrics_header(metrics))
     for row in metrics_rows(metrics):
         table.add_row(*row)
     return table
@@ -135,11 +135,16 @@ def evaluate(
     forces_key: Annotated[str, typer.Option(help="Forces key; {head} is replaced by the head name.")] = "{head}_forces",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics as JSON.")] = None,
     batch_size: Annotated[int, typer.Option(help="Configurations per batch.")] = 32,
+    pairs: Annotated[
+        list[Path] | None, typer.Option(help="Labelled displacement pairs (mace-mf displace) to score F·u on.")
+    ] = None,
 ) -> None:
     """Evaluate any MACE model file (or a run's multi-head model) on any labelled data."""
     from mace_mf.inference import evaluate_model_file
 
-    metrics = evaluate_model_file(model_or_run, [str(p) for p in data], head, energy_key, forces_key, batch_size)
+    metrics = evaluate_model_file(
+        model_or_run, [str(p) for p in data], head, energy_key, forces_key, batch_size, [str(p) for p in pairs or []]
+    )
     Console().print(metrics_rich_table({"data": metrics}))
     if json_out is not None:
         from mace_mf.files import atomic_write_text
@@ -268,6 +273,38 @@ def label(
     for index, reason in report.failures[:5]:
         err.print(f"[yellow]failed[/yellow] configuration {index}: {reason}", highlight=False, soft_wrap=True)
     err.print(report.summary(), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def displace(
+    input_file: Annotated[Path, typer.Argument(metavar="INPUT", help="Geometries to displace (e.g. valid.xyz).")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="extxyz file of the pairs to write.")],
+    n: Annotated[int, typer.Option("--n", min=1, help="Number of pairs (directions); 2 energies each.")] = 20,
+    delta: Annotated[float, typer.Option(help="Norm of the whole displacement (Å).")] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed of the geometries and directions chosen.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUTPUT.")] = False,
+    data_format: Annotated[str | None, typer.Option("--format", help="ASE format of INPUT (default: guessed).")] = None,
+) -> None:
+    """Write ± displacements of validation geometries along seeded random directions: label them with
+    the high level (energies only) and set data.valid_pairs, to score forces with no force labels."""
+    from mace_mf.data import check_geometry, read_atoms
+    from mace_mf.pairs import make_pairs, write_pairs
+
+    if output.exists() and not overwrite:
+        raise RunError(f"{output}: already exists; pass --overwrite to replace it, or choose another OUTPUT")
+    frames = read_atoms(str(input_file), data_format)
+    for i, atoms in enumerate(frames):
+        check_geometry(atoms, f"{input_file}: configuration {i}")
+    pairs = make_pairs(frames, n, delta, seed)
+    write_pairs(pairs, output)
+    geometries = len({a.info["pair_source"] for a in pairs})
+    err.print(
+        f"{output}: {n} pairs ({2 * n} configurations) from {geometries} geometries of {input_file}, δ = {delta} Å. "
+        f"Next: mace-mf label {output} <labelled.xyz> --fidelity <high> --calculator <...> --energies-only, "
+        "then data.valid_pairs: <labelled.xyz> in the recipe",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 @app.command("md-check")

@@ -3,7 +3,8 @@
 Metrics are computed per split and per fidelity over exactly the entries that carry that label:
 energy MAE/RMSE per atom in meV/atom, force-component MAE/RMSE in meV/Å. A fidelity trained without
 forces is still scored on forces wherever they exist, which is how high-level forces that were never
-trained on are measured.
+trained on are measured. Where a fidelity has no forces at all, displacement pairs of validation
+geometries (mace_mf.pairs) measure them from energies: ``fd_rmse_meV_A`` over ``n_pairs`` pairs.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import torch
 from mace_mf.data import Split, batch_dict
 from mace_mf.heads import fidelity_energies, fidelity_forces
 
-METRIC_KEYS = ("e_mae_meV_atom", "e_rmse_meV_atom", "f_mae_meV_A", "f_rmse_meV_A", "n_e", "n_f")
+METRIC_KEYS = (
+    "e_mae_meV_atom",
+    "e_rmse_meV_atom",
+    "f_mae_meV_A",
+    "f_rmse_meV_A",
+    "fd_rmse_meV_A",
+    "n_e",
+    "n_f",
+    "n_pairs",
+)
 
 
 @dataclass
@@ -80,6 +90,7 @@ def compute_metrics(split: Split, pred: Predictions) -> dict[str, dict[str, floa
             err = np.concatenate(diffs) * 1000.0
             entry.update(f_mae_meV_A=float(np.abs(err).mean()), f_rmse_meV_A=float(np.sqrt((err**2).mean())))
         entry["n_f"] = len(diffs)
+        entry["n_pairs"] = 0  # set by mace_mf.pairs where displacement pairs are scored
         result[name] = entry
     return result
 
@@ -138,16 +149,27 @@ def _parity(ax, ref: np.ndarray, out: np.ndarray, label: str, err: np.ndarray, u
     ax.text(0.04, 0.94, f"RMSE {rmse:.1f} {unit}\nMAE {mae:.1f} {unit}", transform=ax.transAxes, va="top")
 
 
-METRIC_HEADERS = (
-    "split",
-    "fidelity",
-    "E MAE (meV/atom)",
-    "E RMSE (meV/atom)",
-    "F MAE (meV/Å)",
-    "F RMSE (meV/Å)",
-    "n_E",
-    "n_F",
-)
+METRIC_HEADERS = {
+    "e_mae_meV_atom": "E MAE (meV/atom)",
+    "e_rmse_meV_atom": "E RMSE (meV/atom)",
+    "f_mae_meV_A": "F MAE (meV/Å)",
+    "f_rmse_meV_A": "F RMSE (meV/Å)",
+    "fd_rmse_meV_A": "F·u RMSE, pairs (meV/Å)",
+    "n_e": "n_E",
+    "n_f": "n_F",
+    "n_pairs": "n_pairs",
+}
+PAIR_KEYS = ("fd_rmse_meV_A", "n_pairs")
+
+
+def metric_columns(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -> list[str]:
+    """The metric keys a table shows: the pair columns only where some entry was scored on pairs."""
+    scored = any(m.get("n_pairs") for per_fidelity in metrics.values() for m in per_fidelity.values())
+    return [k for k in METRIC_KEYS if scored or k not in PAIR_KEYS]
+
+
+def metrics_header(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -> list[str]:
+    return ["split", "fidelity", *(METRIC_HEADERS[k] for k in metric_columns(metrics))]
 
 
 def metrics_rows(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -> list[list[str]]:
@@ -156,8 +178,9 @@ def metrics_rows(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -
     def fmt(value: float | int | None) -> str:
         return "–" if value is None else (f"{value:.1f}" if isinstance(value, float) else str(value))
 
+    columns = metric_columns(metrics)
     return [
-        [split, name, *(fmt(m[k]) for k in METRIC_KEYS)]
+        [split, name, *(fmt(m.get(k)) for k in columns)]
         for split, per_fidelity in metrics.items()
         for name, m in per_fidelity.items()
     ]
@@ -165,6 +188,7 @@ def metrics_rows(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -
 
 def metrics_table(metrics: dict[str, dict[str, dict[str, float | int | None]]]) -> str:
     """Markdown table of every split and fidelity."""
-    lines = ["| " + " | ".join(METRIC_HEADERS) + " |", "|" + "---|" * len(METRIC_HEADERS)]
+    header = metrics_header(metrics)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in metrics_rows(metrics)]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from mace_mf.errors import DataError
 from mace_mf.evaluate import compute_metrics, predict
 from mace_mf.foundation import FoundationInfo, check_elements, load_foundation
 from mace_mf.heads import head_names
+from mace_mf.pairs import read_pairs, score_pairs
 from mace_mf.recipe import FidelitySpec
 
 
@@ -51,9 +52,15 @@ def _specs_from_run(run: Path) -> dict[str, FidelitySpec] | None:
 
 
 def evaluate_model_file(
-    model_or_run: Path, data: list[str], heads: list[str] | None, energy_key: str, forces_key: str, batch_size: int
+    model_or_run: Path,
+    data: list[str],
+    heads: list[str] | None,
+    energy_key: str,
+    forces_key: str,
+    batch_size: int,
+    pairs: list[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per head of a model file on the given data files."""
+    """Metrics per head of a model file on the given data files (and displacement pairs)."""
     model, info = _load(model_or_run, torch.float64)
     names = head_names(model)
     chosen = heads or names
@@ -70,5 +77,8 @@ def evaluate_model_file(
     check_elements(info, {int(z) for f in frames for z in f.atoms.numbers}, ", ".join(data))
     z_table = AtomicNumberTable(list(info.atomic_numbers))
     split = make_split("data", frames, chosen, z_table, info.r_max, torch.float64)
-    pred = predict(model, split, [names.index(n) for n in chosen], batch_size, torch.device("cpu"))
-    return compute_metrics(split, pred)
+    columns = [names.index(n) for n in chosen]
+    metrics = compute_metrics(split, predict(model, split, columns, batch_size, torch.device("cpu")))
+    if pairs:
+        score_pairs(model, read_pairs(pairs, specs, None), columns, chosen, metrics, torch.device("cpu"), batch_size)
+    return metrics

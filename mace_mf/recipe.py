@@ -208,6 +208,16 @@ class DataSpec(_Section):
     test_fraction: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Share of train held out when `test` is null."
     )
+    valid_pairs: str | list[str] | None = Field(
+        default=None,
+        description=(
+            "Displacement pairs of validation geometries (`mace-mf displace`, then labelled with energies by "
+            "`mace-mf label --energies-only`): each fidelity with energies on both halves of a pair is scored on "
+            "the directional force -(E(x+δu) - E(x-δu))/2δ against the model's F·u. `fd_rmse_meV_A` of the "
+            "valid split estimates the force RMSE without a single force label; `mace-mf bench` and "
+            "`mace-mf sweep` decide on it where the validation data have no high-level forces. null: none."
+        ),
+    )
     format: str | None = Field(default=None, description="ASE format name; null: guessed from the file name.")
     max_train: int | None = Field(
         default=None,
@@ -225,7 +235,7 @@ class DataSpec(_Section):
         ),
     )
 
-    @field_validator("train", "valid", "test")
+    @field_validator("train", "valid", "test", "valid_pairs")
     @classmethod
     def _non_empty(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and not value:
@@ -634,6 +644,7 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.data.train = resolve_many(recipe.data.train)  # type: ignore[assignment]
     recipe.data.valid = resolve_many(recipe.data.valid)
     recipe.data.test = resolve_many(recipe.data.test)
+    recipe.data.valid_pairs = resolve_many(recipe.data.valid_pairs)
     if recipe.data.label_cache is not None:
         recipe.data.label_cache = resolve(recipe.data.label_cache)
     for spec in recipe.fidelities.values():

@@ -46,6 +46,7 @@ from mace_mf.heads import add_fidelity_embedding, extract_head, fit_e0s, replica
 from mace_mf.inference import load_model_file
 from mace_mf.labelling import label_recipe_data
 from mace_mf.md_check import MDCheckOptions, md_check, write_md_check
+from mace_mf.pairs import Pairs, read_pairs, score_pairs
 from mace_mf.recipe import Recipe, dump_recipe, recipe_changes, recipe_from_dict
 from mace_mf.report import write_report
 from mace_mf.tracking import make_tracker
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 RESOLVED_FILE = "recipe.resolved.yaml"
+PAIR_ERRORS_FILE = "pair_errors.json"
 
 
 def default_out(recipe: Recipe) -> Path:
@@ -86,6 +88,7 @@ def prepare_out(out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | No
             "history.json",
             "train.log",
             "md_check.json",
+            PAIR_ERRORS_FILE,
         ):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +100,7 @@ class Splits:
     train: Split
     valid: Split
     test: Split | None
+    pairs: Pairs | None = None  # displacement pairs of validation geometries, scored with valid
 
     def named(self) -> dict[str, Split]:
         result = {"train": self.train, "valid": self.valid}
@@ -161,10 +165,21 @@ def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype, frames
     train, valid, test = frames or select_frames(recipe, info)
     z_table = AtomicNumberTable(list(info.atomic_numbers))
     heads = list(specs)
+    pairs = None
+    if recipe.data.valid_pairs is not None:
+        pairs = read_pairs(recipe.data.valid_pairs, specs, recipe.data.format)
+        check_elements(info, {int(z) for a in pairs.centres for z in a.numbers}, "data.valid_pairs")
+        if not np.isfinite(pairs.reference).any():
+            keys = ", ".join(f"{s.energy_key}" for s in specs.values() if s.energy_key)
+            raise RecipeError(
+                f"data.valid_pairs: no pair carries energies of a fidelity ({keys}) on both halves; "
+                "label them with mace-mf label --energies-only"
+            )
     return Splits(
         make_split("train", train, heads, z_table, info.r_max, dtype),
         make_split("valid", valid, heads, z_table, info.r_max, dtype),
         make_split("test", test, heads, z_table, info.r_max, dtype) if test else None,
+        pairs,
     )
 
 
@@ -245,8 +260,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def evaluate_all(
-    model: torch.nn.Module, splits: Splits, recipe: Recipe, device: torch.device, plots: Path | None
+    model: torch.nn.Module,
+    splits: Splits,
+    recipe: Recipe,
+    device: torch.device,
+    plots: Path | None,
+    pair_errors: Path | None = None,
 ) -> dict[str, Any]:
+    """Metrics of every split (and of the validation pairs, into ``valid``); parity plots into
+    ``plots`` and the per-pair errors into ``pair_errors`` when given."""
     heads = list(range(len(recipe.fidelities)))
     metrics: dict[str, Any] = {}
     for name, split in splits.named().items():
@@ -255,6 +277,18 @@ def evaluate_all(
         if plots is not None and name != "train":
             for h, fidelity in enumerate(recipe.fidelities):
                 parity_plot(split, pred, h, plots / f"parity_{name}_{fidelity}.png")
+    if splits.pairs is not None:
+        record = score_pairs(
+            model,
+            splits.pairs,
+            heads,
+            list(recipe.fidelities),
+            metrics["valid"],
+            device,
+            recipe.training.eval_batch_size,
+        )
+        if pair_errors is not None:
+            atomic_write_text(pair_errors, json.dumps(record, indent=2))
     return metrics
 
 
@@ -464,7 +498,9 @@ def _train_run(
     atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2))
     try:
         trains = recipe.training.epochs > 0
-        zero_shot = evaluate_all(model, splits, recipe, device, plots=None if trains else out / "plots")
+        zero_shot = evaluate_all(
+            model, splits, recipe, device, None if trains else out / "plots", None if trains else out / PAIR_ERRORS_FILE
+        )
         atomic_write_text(out / "zero_shot_metrics.json", json.dumps(zero_shot, indent=2))
         trainer = Trainer(
             model, recipe, splits.train, splits.valid, device, out / "checkpoints", tracker.log_epoch, dist
@@ -473,7 +509,9 @@ def _train_run(
             log.warning("no readable checkpoint in %s; starting from epoch 0", out / "checkpoints")
         history = trainer.fit() if trains else trainer.history
         atomic_write_text(out / "history.json", json.dumps(history.__dict__, indent=2))
-        metrics = evaluate_all(model, splits, recipe, device, plots=out / "plots") if trains else zero_shot
+        metrics = (
+            evaluate_all(model, splits, recipe, device, out / "plots", out / PAIR_ERRORS_FILE) if trains else zero_shot
+        )
         atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
         spec = recipe.export
         files = export_models(

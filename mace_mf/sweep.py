@@ -16,7 +16,9 @@ the sweep: trials that completed or failed are kept, not rerun. After each trial
 
 The metric of a trial, for a per-epoch name (``valid/dft/f_rmse_meV_A``), is its best value over the
 epochs (min or max, as the goal says: a trial is judged by its best epoch, not by its last); for a
-``final/<split>/...`` name it is the final value (of the exported, best-checkpoint weights).
+``final/<split>/...`` name it is the final value (of the exported, best-checkpoint weights). A
+validation force RMSE that the data cannot give (no high-level forces) is read from the displacement
+pairs instead (``final/valid/<f>/fd_rmse_meV_A``, ``data.valid_pairs``), and the table says so.
 """
 
 from __future__ import annotations
@@ -250,8 +252,27 @@ def agent_parameters(path: str | Path) -> dict[str, Any]:
     return {name: entry["value"] for name, entry in loaded.items()}
 
 
-def trial_metric(folder: Path, metric: str, goal: str) -> float | None:
-    """The trial's value of the sweep metric (see the module docstring); None if never logged."""
+def pairs_fallback(metric: str) -> str | None:
+    """The pairs' estimate of a validation force RMSE metric (``valid/<f>/f_rmse_meV_A`` or its
+    ``final/`` value): what ranks trials when the validation data hold no forces of that fidelity."""
+    parts = metric.removeprefix("final/").split("/")
+    if len(parts) == 3 and parts[0] == "valid" and parts[2] == "f_rmse_meV_A":
+        return f"final/valid/{parts[1]}/fd_rmse_meV_A"
+    return None
+
+
+def trial_metric(folder: Path, metric: str, goal: str) -> tuple[float | None, str]:
+    """The trial's value of the sweep metric (see the module docstring), None if never logged, and
+    the metric it was read from: a validation force RMSE that no force label could give is read from
+    the displacement pairs (:func:`pairs_fallback`)."""
+    value = _metric_value(folder, metric, goal)
+    fallback = pairs_fallback(metric)
+    if value is None and fallback is not None:
+        return _metric_value(folder, fallback, goal), fallback
+    return value, metric
+
+
+def _metric_value(folder: Path, metric: str, goal: str) -> float | None:
     if metric.startswith("final/"):
         path = folder / "metrics.json"
         values = [flatten_final(json.loads(path.read_text())).get(metric)] if path.is_file() else []
@@ -337,7 +358,9 @@ class SweepRun:
             record["wall_time_s"] = round(time.perf_counter() - started, 1)
             run_file = folder / RUN_FILE
             record["wandb_id"] = json.loads(run_file.read_text()).get("wandb_id") if run_file.is_file() else None
-            record["metric"] = trial_metric(folder, self.sweep.metric, self.sweep.goal)
+            record["metric"], used = trial_metric(folder, self.sweep.metric, self.sweep.goal)
+            if used != self.sweep.metric:
+                record["metric_from"] = used
             folder.mkdir(parents=True, exist_ok=True)
             atomic_write_text(folder / TRIAL_FILE, json.dumps(record, indent=2))
         return record
@@ -407,7 +430,16 @@ def write_table(run: SweepRun) -> list[dict[str, Any]]:
         "",
         *([f"Every trial: {', '.join(pinned)}."] if pinned else []),
         "",
-        f"Ranked by `{run.sweep.metric}` ({run.sweep.goal}); trial folders under `trials/`.",
+        f"Ranked by `{run.sweep.metric}` ({run.sweep.goal}); trial folders under `trials/`."
+        + "".join(
+            sorted(
+                {
+                    f" Without validation forces, `{t['metric_from']}` (displacement pairs) stands in for it."
+                    for t in trials
+                    if t.get("metric_from")
+                }
+            )
+        ),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -34,14 +34,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from mace_mf.evaluate import METRIC_KEYS
+from mace_mf.evaluate import METRIC_KEYS, PAIR_KEYS
 from mace_mf.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 EPOCH_SCALARS = ("train/loss", "valid/loss", "epoch_time_s", "configs_per_s")
 TRAIN_TERMS = ("e_mse", "f_mse")
-VALID_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("n_"))
+VALID_KEYS = tuple(k for k in METRIC_KEYS if not k.startswith("n_") and k not in PAIR_KEYS)  # per epoch
 LR_GROUPS = ("embedding", "interactions", "products", "readouts", "other")
 SPLITS = ("train", "valid", "test")
 FLUSH_INTERVAL_S = 1.0  # seconds between writes of the offline transaction log (wandb's default: 15)
@@ -153,7 +153,7 @@ class WandbTracker(Tracker):
         self.run.summary.update(flatten_final(metrics))
         columns = ["split", "fidelity", *METRIC_KEYS]
         rows = [
-            [split, fidelity, *(values[k] for k in METRIC_KEYS)]
+            [split, fidelity, *(values.get(k) for k in METRIC_KEYS)]
             for split, per_fidelity in metrics.items()
             for fidelity, values in per_fidelity.items()
         ]

@@ -340,7 +340,8 @@ def score_upstream(recipe: Recipe, model_file: Path, out_dir: Path) -> dict[str,
     """
     from mace_mf.evaluate import compute_metrics, predict
     from mace_mf.foundation import load_foundation
-    from mace_mf.run import load_splits, resolve_device
+    from mace_mf.pairs import score_pairs
+    from mace_mf.run import PAIR_ERRORS_FILE, load_splits, resolve_device
 
     dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
     device = resolve_device(recipe.device)
@@ -355,6 +356,10 @@ def score_upstream(recipe: Recipe, model_file: Path, out_dir: Path) -> dict[str,
         name: compute_metrics(split, predict(model, split, columns, recipe.training.eval_batch_size, device))
         for name, split in splits.named().items()
     }
+    if splits.pairs is not None:
+        batch = recipe.training.eval_batch_size
+        record = score_pairs(model, splits.pairs, columns, list(recipe.fidelities), metrics["valid"], device, batch)
+        atomic_write_text(Path(out_dir) / PAIR_ERRORS_FILE, json.dumps(record, indent=2))
     atomic_write_text(Path(out_dir) / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
 
