@@ -102,6 +102,16 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
         Arm("mf-normalised", ("training.normalise_weights=true",), "the recipe + loss weights over label variance"),
         Arm("mf-warmup", ("training.freeze_backbone_epochs=1",), "the recipe + one heads-only warm-up epoch"),
         Arm(
+            "mf-fps",
+            (f"{hi}.label_selection=fps",),
+            f"the recipe, {high} labels kept on geometries chosen by farthest-point sampling (at fractions < 1)",
+        ),
+        Arm(
+            "mf-disagreement",
+            (f"{hi}.label_selection=disagreement",),
+            f"the recipe, {high} labels kept where the foundation disagrees most with {low} (at fractions < 1)",
+        ),
+        Arm(
             "mace-mh",
             (),
             "upstream mace_run_train multi-head fine-tuning: one head per fidelity, same data and weights",

@@ -288,7 +288,8 @@ def displace(
     """Write ± displacements of validation geometries along seeded random directions: label them with
     the high level (energies only) and set data.valid_pairs, to score forces with no force labels."""
     from mace_mf.data import check_geometry, read_atoms
-    from mace_mf.pairs import make_pairs, write_pairs
+    from mace_mf.files import atomic_write_xyz
+    from mace_mf.pairs import make_pairs
 
     if output.exists() and not overwrite:
         raise RunError(f"{output}: already exists; pass --overwrite to replace it, or choose another OUTPUT")
@@ -296,12 +297,82 @@ def displace(
     for i, atoms in enumerate(frames):
         check_geometry(atoms, f"{input_file}: configuration {i}")
     pairs = make_pairs(frames, n, delta, seed)
-    write_pairs(pairs, output)
+    atomic_write_xyz(output, pairs)
     geometries = len({a.info["pair_source"] for a in pairs})
     err.print(
         f"{output}: {n} pairs ({2 * n} configurations) from {geometries} geometries of {input_file}, δ = {delta} Å. "
         f"Next: mace-mf label {output} <labelled.xyz> --fidelity <high> --calculator <...> --energies-only, "
         "then data.valid_pairs: <labelled.xyz> in the recipe",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("select")
+def select_command(
+    pool: Annotated[Path, typer.Argument(metavar="POOL", help="Geometries to choose from (low-level labels).")],
+    output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="extxyz file of the chosen geometries.")],
+    budget: Annotated[float, typer.Option(help="Geometries to choose: a fraction of the pool (< 1) or a count.")],
+    model: Annotated[
+        Path | None, typer.Option(help="MACE .model file or run folder whose descriptors/forces guide the choice.")
+    ] = None,
+    method: Annotated[str, typer.Option(help="fps (default), disagreement or random.")] = "fps",
+    head: Annotated[str | None, typer.Option(help="Head of a multi-head model (disagreement).")] = None,
+    forces_key: Annotated[
+        str | None, typer.Option(help="Low-level forces in the pool (atoms.arrays), for disagreement.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the first pick (fps) or of the draw (random).")] = 0,
+    rest: Annotated[Path | None, typer.Option(help="Also write the geometries not chosen here.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    data_format: Annotated[str | None, typer.Option("--format", help="ASE format of POOL (default: guessed).")] = None,
+) -> None:
+    """Choose the geometries of POOL that should get expensive high-level labels."""
+    import time
+
+    from mace_mf.data import check_geometry, read_atoms
+    from mace_mf.files import atomic_write_xyz
+    from mace_mf.heads import head_names
+    from mace_mf.inference import load_model_file
+    from mace_mf.select import METHODS, budget_count, select
+
+    if method not in METHODS:
+        raise DataError(f"--method {method!r}: use one of {', '.join(METHODS)}")
+    for path in (output, rest):
+        if path is not None and path.exists() and not overwrite:
+            raise RunError(f"{path}: already exists; pass --overwrite to replace it, or choose another name")
+    started = time.perf_counter()
+    frames = read_atoms(str(pool), data_format)
+    for i, atoms in enumerate(frames):
+        check_geometry(atoms, f"{pool}: configuration {i}")
+    count = budget_count(budget, len(frames))
+    loaded = load_model_file(model) if model is not None else None
+    index = 0
+    if loaded is not None and head is not None:
+        names = head_names(loaded)
+        if head not in names:
+            raise DataError(f"--head {head!r}: not a head of {model} (heads: {names})")
+        index = names.index(head)
+    forces = None
+    if method == "disagreement":
+        if forces_key is None:
+            raise DataError("--method disagreement: give --forces-key, the pool's low-level forces (atoms.arrays)")
+        missing = [i for i, a in enumerate(frames) if forces_key not in a.arrays]
+        if missing:
+            raise DataError(f"{pool}: configuration {missing[0]} has no {forces_key!r}; label the pool first")
+        forces = [a.arrays[forces_key] for a in frames]
+    chosen = select(frames, count, method, seed, loaded, forces, index)
+    rank = {i: r for r, i in enumerate(chosen)}
+    picked = []
+    for i in sorted(chosen):
+        atoms = frames[i].copy()
+        atoms.info.update(pool_index=i, selection_rank=rank[i], selection=method)
+        picked.append(atoms)
+    atomic_write_xyz(output, picked)
+    if rest is not None:
+        atomic_write_xyz(rest, [frames[i] for i in range(len(frames)) if i not in rank])
+    wall = time.perf_counter() - started
+    err.print(
+        f"{output}: {count} of {len(frames)} geometries of {pool} chosen by {method} in {wall:.1f} s",
         highlight=False,
         soft_wrap=True,
     )

@@ -13,7 +13,7 @@ calculator's results (ASE moves ``energy``/``forces`` of extxyz files there).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,15 +245,24 @@ def check_declared_keys(frames: list[Frame], specs: dict[str, FidelitySpec], wha
             )
 
 
-def subsample_labels(frames: list[Frame], specs: dict[str, FidelitySpec], seed: int) -> None:
-    """Keep each fidelity's labels on only its ``label_fraction`` of the frames (seeded)."""
+Chooser = Callable[[int, list[int], int], Sequence[int]]
+
+
+def subsample_labels(
+    frames: list[Frame], specs: dict[str, FidelitySpec], seed: int, choose: Chooser | None = None
+) -> None:
+    """Keep each fidelity's labels on only its ``label_fraction`` of the frames: a seeded random
+    draw, or ``choose(fidelity index, labelled frame indices, count)`` for its ``label_selection``."""
     for h, spec in enumerate(specs.values()):
         if spec.label_fraction >= 1.0:
             continue
         labelled = [i for i, f in enumerate(frames) if f.labels.energy[h] is not None or f.labels.forces[h] is not None]
         keep_n = max(1, round(spec.label_fraction * len(labelled)))
-        rng = np.random.default_rng([seed, h, 7919])
-        keep = set(rng.choice(labelled, size=keep_n, replace=False).tolist())
+        if spec.label_selection != "random" and choose is not None:
+            keep = set(choose(h, labelled, keep_n))
+        else:
+            rng = np.random.default_rng([seed, h, 7919])
+            keep = set(rng.choice(labelled, size=keep_n, replace=False).tolist())
         for i in labelled:
             if i not in keep:
                 frames[i].labels.energy[h] = None
@@ -274,6 +283,16 @@ def make_split(
 ) -> Split:
     graphs = [to_graph(f.atoms, f.labels, z_table, r_max, heads, dtype) for f in frames]
     return Split(name, heads, [f.atoms for f in frames], graphs)
+
+
+def graphs_for_model(frames: Sequence[Atoms], model: torch.nn.Module, n_heads: int) -> list[AtomicData]:
+    """Unlabelled graphs of ``frames`` built with the model's own element table, cutoff and dtype
+    (every label masked): for predictions that need no label, such as pair centres or descriptors."""
+    empty = Labels([None] * n_heads, [None] * n_heads)
+    names = [str(h) for h in range(n_heads)]
+    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    dtype = next(model.parameters()).dtype
+    return [to_graph(a, empty, z_table, float(model.r_max), names, dtype) for a in frames]
 
 
 def batch_dict(batch: Batch) -> dict[str, torch.Tensor]:

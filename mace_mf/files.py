@@ -40,3 +40,14 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic(path, lambda h: h.write(data))
+
+
+def atomic_write_xyz(path: Path, frames: list[Any]) -> None:
+    """ASE configurations as one extxyz file (labels in info/arrays as they are)."""
+    import io
+
+    import ase.io
+
+    buffer = io.StringIO()
+    ase.io.write(buffer, frames, format="extxyz")
+    atomic_write_text(path, buffer.getvalue())

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-import io
 import json
 import logging
 import multiprocessing as mp
@@ -49,7 +48,7 @@ from mace_mf.calculators import (
     parse_calculator_spec,
 )
 from mace_mf.errors import LabelError
-from mace_mf.files import atomic_write_text
+from mace_mf.files import atomic_write_text, atomic_write_xyz
 
 if TYPE_CHECKING:
     from mace_mf.recipe import Recipe
@@ -345,9 +344,7 @@ def label_file(
             atoms.info[energy_key] = float(record["energy"])
         if forces_key is not None:
             atoms.arrays[forces_key] = np.asarray(record["forces"], dtype=float).reshape(len(atoms), 3)
-    buffer = io.StringIO()
-    ase.io.write(buffer, frames, format="extxyz")
-    atomic_write_text(output, buffer.getvalue())
+    atomic_write_xyz(output, frames)
     failed = sorted(failures.items())
     failures_file = failures_path(output)
     if failed:

@@ -27,22 +27,17 @@ the estimate.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import ase.io
 import numpy as np
 import torch
 from ase import Atoms
-from mace.tools import AtomicNumberTable
 from mace.tools.torch_geometric import DataLoader
 
-from mace_mf.data import Labels, batch_dict, check_geometry, read_atoms, read_labels, to_graph
+from mace_mf.data import Labels, batch_dict, check_geometry, graphs_for_model, read_atoms, read_labels
 from mace_mf.errors import DataError
-from mace_mf.files import atomic_write_text
 from mace_mf.heads import fidelity_energies, fidelity_forces
 from mace_mf.recipe import FidelitySpec
 
@@ -156,14 +151,8 @@ def read_pairs(paths: str | list[str], specs: dict[str, FidelitySpec], fmt: str 
 def directional_forces(
     model: torch.nn.Module, pairs: Pairs, heads: Sequence[int], device: torch.device, batch_size: int = 32
 ) -> np.ndarray:
-    """``F(x)·u`` of each model head (column j ↔ ``heads[j]``) at every pair's centre, ``[n_pairs, H]``.
-
-    Graphs are built with the model's own element table, cutoff and dtype."""
-    empty = Labels([None] * len(heads), [None] * len(heads))
-    names = [str(h) for h in heads]
-    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
-    dtype = next(model.parameters()).dtype
-    graphs = [to_graph(a, empty, z_table, float(model.r_max), names, dtype) for a in pairs.centres]
+    """``F(x)·u`` of each model head (column j ↔ ``heads[j]``) at every pair's centre, ``[n_pairs, H]``."""
+    graphs = graphs_for_model(pairs.centres, model, len(heads))
     out = np.zeros((len(pairs), len(heads)))
     model.eval()
     start = 0
@@ -241,10 +230,3 @@ def paired_preference(
     b = np.sqrt((w * squared_b[idx]).sum(1) / w.sum(1))
     ratio = a / np.maximum(b, 1e-12)
     return float((a < b).mean()), float(np.percentile(ratio, 5)), float(np.percentile(ratio, 95))
-
-
-def write_pairs(frames: list[Atoms], path: Path) -> None:
-    """Write the pairs as extxyz, atomically."""
-    buffer = io.StringIO()
-    ase.io.write(buffer, frames, format="extxyz")
-    atomic_write_text(path, buffer.getvalue())

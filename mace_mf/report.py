@@ -45,6 +45,20 @@ def curve_plot(history: History, recipe: Recipe, path: Path) -> bool:
     return True
 
 
+def _pairs_note(metrics: dict[str, Any]) -> list[str]:
+    """What the pair columns mean, where validation pairs were scored."""
+    scored = {name: m for name, m in metrics.get("valid", {}).items() if m.get("n_pairs")}
+    if not scored:
+        return []
+    parts = ", ".join(f"`{name}` on {m['n_pairs']} pairs" for name, m in scored.items())
+    return [
+        f"F·u RMSE, pairs: the directional force F·u of each head against −(E(x+δu) − E(x−δu))/2δ of "
+        f"the level's own energies on displaced validation geometries (`data.valid_pairs`; {parts}): an "
+        "estimate of the force RMSE made without force labels.",
+        "",
+    ]
+
+
 def write_report(
     out: Path,
     recipe: Recipe,
@@ -73,6 +87,7 @@ def write_report(
         "",
         metrics_table(metrics),
         "",
+        *_pairs_note(metrics),
         "## Zero-shot (foundation with per-fidelity E0s, before training)",
         "",
         metrics_table(zero_shot),

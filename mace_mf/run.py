@@ -35,7 +35,16 @@ from ase.data import chemical_symbols
 from mace.tools import AtomicNumberTable
 
 from mace_mf.coupling import apply_couplings
-from mace_mf.data import Frame, Split, check_declared_keys, make_split, read_frames, split_off, subsample_labels
+from mace_mf.data import (
+    Chooser,
+    Frame,
+    Split,
+    check_declared_keys,
+    make_split,
+    read_frames,
+    split_off,
+    subsample_labels,
+)
 from mace_mf.distributed import Dist, broadcast, local_batch_size, local_device, rank0_first, session
 from mace_mf.errors import RecipeError, RunError, UserError
 from mace_mf.evaluate import compute_metrics, parity_plot, predict
@@ -49,6 +58,7 @@ from mace_mf.md_check import MDCheckOptions, md_check, write_md_check
 from mace_mf.pairs import Pairs, read_pairs, score_pairs
 from mace_mf.recipe import Recipe, dump_recipe, recipe_changes, recipe_from_dict
 from mace_mf.report import write_report
+from mace_mf.select import select
 from mace_mf.tracking import make_tracker
 from mace_mf.train import Trainer
 
@@ -112,11 +122,12 @@ class Splits:
 Frames = tuple[list[Frame], list[Frame], list[Frame] | None]
 
 
-def select_frames(recipe: Recipe, info: FoundationInfo) -> Frames:
+def select_frames(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Module | None = None) -> Frames:
     """Read, check and split the data into (train, valid, test) frames, label subsets applied.
 
     The one definition of which geometries and labels a recipe trains, selects and scores on;
-    the upstream comparison arm (mace_mf.upstream) writes its files from it.
+    the upstream comparison arm (mace_mf.upstream) writes its files from it. ``foundation`` (its
+    starting head) chooses the geometries of a ``label_selection`` other than ``random``.
     """
     specs = recipe.fidelities
     d = recipe.data
@@ -142,7 +153,7 @@ def select_frames(recipe: Recipe, info: FoundationInfo) -> Frames:
     for name, frames in (("data.train", train), ("data.valid", valid), ("data.test", test or [])):
         zs = {int(z) for f in frames for z in f.atoms.numbers}
         check_elements(info, zs, name)
-    subsample_labels(train, specs, recipe.seed)
+    subsample_labels(train, specs, recipe.seed, label_chooser(recipe, train, foundation))
     target = recipe.target
     t = list(specs).index(target)
     if not any(f.labels.energy[t] is not None or f.labels.forces[t] is not None for f in valid):
@@ -151,6 +162,32 @@ def select_frames(recipe: Recipe, info: FoundationInfo) -> Frames:
             "label it there or choose another target"
         )
     return train, valid, test
+
+
+def label_chooser(recipe: Recipe, train: list[Frame], model: torch.nn.Module | None) -> Chooser | None:
+    """The chooser of mace_mf.select for ``label_selection`` (fps, disagreement) with ``model``."""
+    if model is None:
+        return None
+    names = list(recipe.fidelities)
+
+    def choose(h: int, labelled: list[int], count: int) -> list[int]:
+        spec = recipe.fidelities[names[h]]
+        low_forces = None
+        if spec.label_selection == "disagreement":
+            low = spec.base or next((n for n in names if n != names[h] and recipe.fidelities[n].forces_key), None)
+            if low is None:
+                raise RecipeError(
+                    f"fidelities.{names[h]}.label_selection: disagreement needs a base fidelity with forces"
+                )
+            low_forces = [train[i].labels.forces[names.index(low)] for i in labelled]
+        atoms = [train[i].atoms for i in labelled]
+        picked = select(atoms, count, spec.label_selection, recipe.seed, model, low_forces)
+        log.info(
+            "fidelities.%s: %s chose %d of %d training geometries", names[h], spec.label_selection, count, len(labelled)
+        )
+        return [labelled[i] for i in picked]
+
+    return choose
 
 
 def data_elements(info: FoundationInfo, frames: Frames) -> tuple[int, ...]:
@@ -189,9 +226,9 @@ def start_head(
     """The foundation's starting head (restricted to the data's elements unless
     ``foundation.elements: all``), the info that describes it, and the splits built for it.
     ``recipe`` is the one whose data files are read (after on-the-fly labelling)."""
-    frames = select_frames(recipe, info)
-    kept = data_elements(info, frames)
     single = extract_head(foundation, info.head)
+    frames = select_frames(recipe, info, single)
+    kept = data_elements(info, frames)
     if recipe.foundation.elements == "data" and kept != info.atomic_numbers:
         single = keep_elements(single, info, list(kept))
         log.info(

@@ -303,7 +303,7 @@ def run_upstream(recipe: Recipe, out_dir: Path, *, epochs: int | None = None, ov
     single = extract_head(foundation, info.head)
     foundation_file = work / "foundation.model"
     atomic_torch_save(single, foundation_file)
-    train, valid, _ = select_frames(recipe, info)
+    train, valid, _ = select_frames(recipe, info, single)
     heads = write_head_files(recipe, train, valid, work / "heads", single)
     del foundation, single
     command = upstream_command(recipe, work, foundation_file, heads, epochs)

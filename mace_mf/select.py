@@ -1,0 +1,133 @@
+"""Which geometries get the expensive labels: selection from a pool that carries low-level labels.
+
+The user's scarce resource is high-level calculations, and the pool to choose from (geometries with
+cheap low-level labels) is large. Three rules, each a ``--method`` of ``mace-mf select`` and a value
+of ``fidelities.<name>.label_selection`` (which geometries keep a ``label_fraction`` of that
+fidelity's labels in a benchmark):
+
+- ``fps``: farthest-point sampling in a MACE model's descriptor space: each geometry is the mean over
+  its atoms of the invariant node features of every interaction layer (standardised over the pool),
+  and each pick is the geometry farthest from all picked so far, so the budget covers the pool's
+  chemistry and geometry evenly instead of its densest region (what mace-torch does to pick replay
+  data, applied here to the high-level budget);
+- ``disagreement``: the geometries on which the model and the low level disagree most (force RMSE
+  of the model against the low-level forces), where a model leaning on either is least sure;
+- ``random``: a seeded uniform draw, the baseline.
+
+Measured effect and the default: ``docs/benchmarks.md`` ("Choosing the geometries"). In a recipe the
+model is the foundation (all that exists before training); ``mace-mf select --model`` takes any
+MACE file, e.g. the low head of a first, low-level-only fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from ase import Atoms
+from e3nn import o3
+from mace.tools.torch_geometric import DataLoader
+
+from mace_mf.data import batch_dict, graphs_for_model
+from mace_mf.errors import DataError
+from mace_mf.heads import fidelity_energies, fidelity_forces, node_features
+
+METHODS = ("fps", "disagreement", "random")
+
+
+def budget_count(budget: float, pool: int) -> int:
+    """A budget as a number of geometries: a fraction of the pool below 1, a count from 1."""
+    count = round(budget * pool) if budget < 1 else int(budget)
+    if budget <= 0 or count < 1:
+        raise DataError(f"--budget {budget:g}: give a fraction of the pool in (0, 1) or a count of at least 1")
+    if count > pool:
+        raise DataError(f"--budget {budget:g}: the pool holds only {pool} geometries")
+    return count
+
+
+def _scalar_slices(model: torch.nn.Module) -> list[slice]:
+    """Per interaction layer, where the invariant (0e) channels sit in its node features."""
+    slices = []
+    for product in model.products:
+        irreps = o3.Irreps(str(product.linear.irreps_out))
+        scalar = [s for (mul, ir), s in zip(irreps, irreps.slices(), strict=True) if ir.l == 0 and ir.p == 1]
+        slices.append(slice(scalar[0].start, scalar[-1].stop) if scalar else slice(0, 0))
+    return slices
+
+
+def descriptors(model: torch.nn.Module, frames: Sequence[Atoms], batch_size: int = 32) -> np.ndarray:
+    """``[n, D]``: per geometry, the mean over atoms of every layer's invariant node features."""
+    device = next(model.parameters()).device
+    slices = _scalar_slices(model)
+    graphs = graphs_for_model(frames, model, 1)
+    rows: list[np.ndarray] = []
+    model.eval()
+    with torch.no_grad():
+        for batch in DataLoader(graphs, batch_size=batch_size, shuffle=False, drop_last=False):
+            data = batch_dict(batch.to(device))
+            layers, _ = node_features(model, data)
+            feats = torch.cat([layer[:, s] for layer, s in zip(layers, slices, strict=True)], dim=1)
+            ptr = data["ptr"].cpu().tolist()
+            for g in range(len(ptr) - 1):
+                rows.append(feats[ptr[g] : ptr[g + 1]].mean(0).double().cpu().numpy())
+    return np.stack(rows)
+
+
+def farthest_points(points: np.ndarray, count: int, seed: int) -> list[int]:
+    """Greedy farthest-point sampling (Euclidean, after standardising every dimension); the first
+    pick is seeded, each next one maximises the distance to the nearest pick."""
+    std = points.std(0)
+    x = (points - points.mean(0)) / np.where(std > 0, std, 1.0)
+    first = int(np.random.default_rng([seed, 6271]).integers(len(x)))
+    chosen = [first]
+    nearest = np.linalg.norm(x - x[first], axis=1)
+    for _ in range(count - 1):
+        pick = int(np.argmax(nearest))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.linalg.norm(x - x[pick], axis=1))
+    return chosen
+
+
+def disagreement(
+    model: torch.nn.Module, frames: Sequence[Atoms], forces: Sequence[np.ndarray], head: int = 0, batch_size: int = 32
+) -> np.ndarray:
+    """Per geometry, the force RMSE (eV/Å) of the model's ``head`` against the low-level forces."""
+    device = next(model.parameters()).device
+    graphs = graphs_for_model(frames, model, 1)
+    scores: list[float] = []
+    model.eval()
+    start = 0
+    for batch in DataLoader(graphs, batch_size=batch_size, shuffle=False, drop_last=False):
+        data = batch_dict(batch.to(device))
+        (predicted,) = fidelity_forces(fidelity_energies(model, data, [head]), data["positions"], [0], False)
+        ptr = data["ptr"].cpu().tolist()
+        for g in range(len(ptr) - 1):
+            diff = predicted[ptr[g] : ptr[g + 1]].detach().double().cpu().numpy() - forces[start + g]
+            scores.append(float(np.sqrt((diff**2).mean())))
+        start += len(ptr) - 1
+    return np.array(scores)
+
+
+def select(
+    frames: Sequence[Atoms],
+    count: int,
+    method: str,
+    seed: int,
+    model: torch.nn.Module | None = None,
+    low_forces: Sequence[np.ndarray | None] | None = None,
+    head: int = 0,
+) -> list[int]:
+    """Indices of ``count`` geometries of ``frames`` chosen by ``method``, in the order picked."""
+    if method not in METHODS:
+        raise DataError(f"selection method {method!r}: use one of {', '.join(METHODS)}")
+    if method == "random":
+        return [int(i) for i in np.random.default_rng([seed, 6271]).choice(len(frames), size=count, replace=False)]
+    if model is None:
+        raise DataError(f"selection method {method!r} needs a MACE model (--model)")
+    if method == "fps":
+        return farthest_points(descriptors(model, frames), count, seed)
+    if low_forces is None or any(f is None for f in low_forces):
+        raise DataError("selection method 'disagreement' needs low-level forces on every pool geometry (--forces-key)")
+    scores = disagreement(model, frames, [np.asarray(f) for f in low_forces], head)  # type: ignore[arg-type]
+    return [int(i) for i in np.argsort(-scores, kind="stable")[:count]]

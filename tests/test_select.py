@@ -1,0 +1,97 @@
+"""Choosing the geometries that get high-level labels: `mace-mf select` and `label_selection`."""
+
+from __future__ import annotations
+
+import json
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+from support import build_tiny_mace, label, sample_molecules, write_recipe
+
+from mace_mf.cli import main
+from mace_mf.foundation import load_foundation
+from mace_mf.recipe import load_recipe
+from mace_mf.run import select_frames
+from mace_mf.select import budget_count, descriptors, farthest_points, select
+
+
+def test_farthest_points_cover_every_cluster_before_repeating_one():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10], [5, 20]], dtype=float)
+    points = np.concatenate([c + 0.1 * rng.normal(size=(30, 2)) for c in centres])  # one dense cloud each
+    picked = farthest_points(points, 5, seed=3)
+    assert sorted(i // 30 for i in picked) == [0, 1, 2, 3, 4]
+    assert farthest_points(points, 5, seed=3) == picked
+    assert len(set(farthest_points(points, 40, seed=1))) == 40
+
+
+def test_descriptors_are_invariant_to_rotation_translation_and_atom_order():
+    model = build_tiny_mace()
+    frames = sample_molecules(4, seed=2)
+    moved = []
+    for i, atoms in enumerate(frames):
+        other = atoms.copy()
+        other.positions = Rotation.random(random_state=i).apply(other.positions) + np.array([1.0, -2.0, 0.5])
+        order = np.random.default_rng(i).permutation(len(other))
+        moved.append(other[order])
+    a, b = descriptors(model, frames), descriptors(model, moved)
+    assert a.shape[0] == 4 and a.shape[1] > 0
+    np.testing.assert_allclose(a, b, atol=1e-9)
+    assert not np.allclose(a[0], a[1])  # different molecules, different descriptors
+
+
+def test_budget_is_a_fraction_below_one_and_a_count_from_one():
+    assert budget_count(0.2, 100) == 20 and budget_count(7, 100) == 7
+    for bad in (0, -1, 1000):
+        with pytest.raises(Exception, match="--budget"):
+            budget_count(bad, 100)
+
+
+def test_select_command_writes_the_choice_in_pool_order_and_the_rest(tmp_path, tiny_model_file, capsys):
+    frames = sample_molecules(20, seed=6)
+    label(frames, "lo", 0.9, 1.25, -10.0)
+    ase.io.write(tmp_path / "pool.xyz", frames)
+    out, rest = tmp_path / "chosen.xyz", tmp_path / "rest.xyz"
+    args = ["select", str(tmp_path / "pool.xyz"), str(out), "--budget", "0.25", "--model", str(tiny_model_file)]
+    assert main([*args, "--rest", str(rest)]) == 0
+    assert "5 of 20 geometries" in capsys.readouterr().err
+    chosen, others = ase.io.read(out, ":"), ase.io.read(rest, ":")
+    indices = [a.info["pool_index"] for a in chosen]
+    assert indices == sorted(indices) and len(others) == 15
+    assert {a.info["selection_rank"] for a in chosen} == set(range(5))
+    for atoms in chosen:  # a chosen geometry is the pool's, labels included
+        np.testing.assert_allclose(atoms.positions, frames[atoms.info["pool_index"]].positions, atol=1e-6)
+        np.testing.assert_allclose(
+            atoms.arrays["lo_forces"], frames[atoms.info["pool_index"]].arrays["lo_forces"], atol=1e-6
+        )
+    expected = select(frames, 5, "fps", 0, torch.load(tiny_model_file, weights_only=False))
+    assert sorted(expected) == indices
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--method", "disagreement"]) == 2
+    assert "--forces-key" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "--method", "disagreement", "--forces-key", "lo_forces"]) == 0
+    assert main([*args, "--overwrite", "--method", "random"]) == 0  # a model is allowed, not needed
+
+
+def test_recipe_keeps_high_labels_exactly_where_select_would_put_them(tmp_path, tiny_model_file, two_fidelity_files):
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files)
+    chosen = {}
+    for method in ("random", "fps", "disagreement"):
+        recipe = load_recipe(
+            recipe_file, ["fidelities.hi.label_fraction=0.25", f"fidelities.hi.label_selection={method}"]
+        )
+
+        foundation, info = load_foundation(recipe.foundation.model, None, torch.float64)
+        train, _, _ = select_frames(recipe, info, foundation)
+        chosen[method] = [i for i, f in enumerate(train) if f.labels.energy[1] is not None]
+        assert len(chosen[method]) == 6 and all(f.labels.energy[0] is not None for f in train)  # lo everywhere
+    atoms = [a for a in ase.io.read(two_fidelity_files["train"], ":")]
+    assert chosen["fps"] == sorted(select(atoms, 6, "fps", 0, foundation))
+    lo_forces = [a.arrays["lo_forces"] for a in atoms]
+    assert chosen["disagreement"] == sorted(select(atoms, 6, "disagreement", 0, foundation, lo_forces))
+    assert len({tuple(v) for v in chosen.values()}) == 3
+    resolved = json.loads(json.dumps(recipe.model_dump(mode="json")))
+    assert resolved["fidelities"]["hi"]["label_selection"] == "disagreement"
