@@ -224,15 +224,21 @@ def read_frames(paths: str | list[str], specs: dict[str, FidelitySpec], fmt: str
     return frames
 
 
-def check_declared_keys(frames: list[Frame], specs: dict[str, FidelitySpec], what: str) -> None:
-    """A declared key that no configuration carries is a typo, not a masked label."""
+def check_declared_keys(
+    frames: list[Frame], specs: dict[str, FidelitySpec], what: str, scored: Sequence[Frame] = ()
+) -> None:
+    """A declared key that no configuration carries is a typo, not a masked label.
+
+    ``scored``: validation/test frames, where forces that are only scored (``forces_weight: 0``,
+    e.g. high-level forces computed for the test split alone) may be the only ones."""
     for h, (name, spec) in enumerate(specs.items()):
         if spec.energy_key is not None and not any(f.labels.energy[h] is not None for f in frames):
             raise DataError(
                 f"{what}: fidelities.{name}.energy_key {spec.energy_key!r} is in no configuration; "
                 "check the key (atoms.info) or set it to null"
             )
-        if spec.forces_key is not None and not any(f.labels.forces[h] is not None for f in frames):
+        pool = list(frames) if spec.forces_weight > 0 else [*frames, *scored]
+        if spec.forces_key is not None and not any(f.labels.forces[h] is not None for f in pool):
             trained = (
                 f" (forces_weight {spec.forces_weight} trains on them; with energies only, set forces_key: null "
                 "or forces_weight: 0)"

@@ -132,7 +132,6 @@ def select_frames(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Mod
     specs = recipe.fidelities
     d = recipe.data
     train = read_frames(d.train, specs, d.format)
-    check_declared_keys(train, specs, "data.train")
     # Fractions are of the whole training file, so test and valid sizes do not depend on each other.
     total = len(train)
     test: list[Frame] | None = None
@@ -148,6 +147,7 @@ def select_frames(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Mod
         train, valid = split_off(train, max(1, round(d.valid_fraction * total)), recipe.seed, salt=1)
     if not train:
         raise RecipeError("data: valid_fraction + test_fraction leave no training configurations; lower them")
+    check_declared_keys(train, specs, "data.train", [*valid, *(test or [])])
     if d.max_train is not None and len(train) > d.max_train:
         train, _ = split_off(train, len(train) - d.max_train, recipe.seed, salt=3)
     for name, frames in (("data.train", train), ("data.valid", valid), ("data.test", test or [])):

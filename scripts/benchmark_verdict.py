@@ -263,6 +263,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=40, help="displacement pairs per data set (2 energies each)")
     parser.add_argument("--workers", type=int, default=2, help="arms trained at once")
     args = parser.parse_args()
+    args.out = args.out.resolve()  # recipe overrides name files under it; relative paths would resolve elsewhere
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if "ethanol" in args.datasets and not DATASETS["ethanol"].needs.is_file():
         maker = ROOT / "scripts" / "make_ethanol_mf.py"

@@ -117,3 +117,21 @@ def test_split_off_is_seeded_and_disjoint():
     assert len(held) == 10 and sorted(kept + held) == items
     assert split_off(items, 10, seed=1, salt=1) == (kept, held)
     assert split_off(items, 10, seed=2, salt=1)[1] != held
+
+
+def test_forces_only_scored_may_live_in_validation_and_test_alone(tmp_path):
+    """The seed paper's layout: high-level forces computed for scoring only, on valid/test."""
+    train = sample_molecules(3, seed=5)
+    label(train, "lo", 1.0, 1.2, 0.0)
+    label(train, "hi", 1.0, 1.3, 0.0, forces=False)
+    scored = sample_molecules(2, seed=6)
+    label(scored, "hi", 1.0, 1.3, 0.0)
+    read_train = read_frames(write(tmp_path, train), SPECS, None)
+    read_scored = read_frames(write(tmp_path, scored, "scored.xyz"), SPECS, None)
+    assert SPECS["hi"].forces_weight == 0
+    check_declared_keys(read_train, SPECS, "data.train", read_scored)
+    with pytest.raises(DataError, match=r"fidelities\.hi\.forces_key 'hi_forces' is in no configuration"):
+        check_declared_keys(read_train, SPECS, "data.train")
+    trained = {**SPECS, "hi": SPECS["hi"].model_copy(update={"forces_weight": 10.0})}
+    with pytest.raises(DataError, match="trains on them"):
+        check_declared_keys(read_train, trained, "data.train", read_scored)
