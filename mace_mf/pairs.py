@@ -113,7 +113,7 @@ def read_pairs(paths: str | list[str], specs: dict[str, FidelitySpec], fmt: str 
             where = f"{path}: configuration {i}"
             if PAIR_ID not in atoms.info or PAIR_SIGN not in atoms.info or PAIR_DIRECTION not in atoms.arrays:
                 raise DataError(
-                    f"{where}: not a displacement pair (no {PAIR_ID}/{PAIR_SIGN}); make it with mace-mf displace"
+                    f"{where}: not a displacement pair (no {PAIR_ID}/{PAIR_SIGN}); make pairs with mace-mf displace"
                 )
             check_geometry(atoms, where)
             key = (path, int(atoms.info[PAIR_ID]))

@@ -42,7 +42,9 @@ def budget_count(budget: float, pool: int) -> int:
     if budget <= 0 or count < 1:
         raise DataError(f"--budget {budget:g}: give a fraction of the pool in (0, 1) or a count of at least 1")
     if count > pool:
-        raise DataError(f"--budget {budget:g}: the pool holds only {pool} geometries")
+        raise DataError(
+            f"--budget {budget:g}: the pool holds only {pool} geometries; give a fraction of the pool or fewer"
+        )
     return count
 
 

@@ -206,6 +206,26 @@ def _md_check_needs_head(ws: Workspace) -> list[str]:
     return ["md-check", str(ws.multihead()), str(ws.files["test"]), "--out", str(ws.tmp / "md.json")]
 
 
+def _pairs_not_from_displace(ws: Workspace) -> list[str]:
+    return ws.train("--set", f"data.valid_pairs={ws.files['valid']}")
+
+
+def _pairs_half_missing(ws: Workspace) -> list[str]:
+    from mace_mf.pairs import make_pairs
+
+    pairs = make_pairs(ws.labelled(), 2, 0.01, seed=0)
+    label(pairs, "hi", 1.0, 1.2, -50.0, forces=False)
+    return ws.train("--set", f"data.valid_pairs={ws.data(pairs[:3], 'pairs.xyz')}")
+
+
+def _select_budget_too_large(ws: Workspace) -> list[str]:
+    return ["select", str(ws.files["test"]), str(ws.tmp / "chosen.xyz"), "--budget", "100", "--model", str(ws.model)]
+
+
+def _displace_bad_delta(ws: Workspace) -> list[str]:
+    return ["displace", str(ws.files["valid"]), str(ws.tmp / "pairs.xyz"), "--delta", "0.5"]
+
+
 def _export_undeclared_head(ws: Workspace) -> list[str]:
     return ["export", str(ws.multihead()), "--out", str(ws.tmp / "exported"), "--fidelity", "mp2"]
 
@@ -572,6 +592,35 @@ CATALOGUE: list[Case] = [
         _md_check_needs_head,
         "two_heads.model has heads ['pbe', 'ccsdt']",
         "choose one with --head",
+    ),
+    # -- displacement pairs and selection --------------------------------------------------------
+    Case(
+        "pairs-not-pairs",
+        "`data.valid_pairs` names a file that `mace-mf displace` did not make",
+        _pairs_not_from_displace,
+        "valid.xyz: configuration 0: not a displacement pair",
+        "make pairs with mace-mf displace",
+    ),
+    Case(
+        "pairs-half-missing",
+        "A pair whose other half was dropped from the file",
+        _pairs_half_missing,
+        "pairs.xyz: pair 1 has only its +1 half",
+        "keep both halves",
+    ),
+    Case(
+        "displace-bad-delta",
+        "`mace-mf displace --delta` outside (0, 0.1] Å",
+        _displace_bad_delta,
+        "--delta 0.5",
+        "0.01 is a good default",
+    ),
+    Case(
+        "select-budget-too-large",
+        "`mace-mf select --budget` larger than the pool",
+        _select_budget_too_large,
+        "--budget 100: the pool holds only 8 geometries",
+        "give a fraction of the pool",
     ),
 ]
 

@@ -90,3 +90,8 @@ def test_every_arm_resolves_to_the_recipe_it_describes(tmp_path, tiny_model_file
     assert got["mf-normalised"].training.normalise_weights
     assert got["mf-warmup"].training.freeze_backbone_epochs == 1
     assert arms["mace-mh"].runner == "mace_run_train" and got["mace-mh"] == got["mf"]
+    assert (hi["mf-fps"].label_selection, hi["mf-disagreement"].label_selection) == ("fps", "disagreement")
+    assert (
+        hi["mf"].label_selection == "random"
+        and got["mf-fps"].model_copy(update={"fidelities": got["mf"].fidelities}) == got["mf"]
+    )  # nothing else differs from the recipe
