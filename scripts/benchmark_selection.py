@@ -10,9 +10,9 @@ pyseqm's training pool (2337 geometries, SPICE foundation) is measured end to en
     python scripts/benchmark_selection.py                                  # seed regime and pyseqm, 3 seeds
     python scripts/benchmark_selection.py --datasets seed --seeds 0 --methods fps
 
-Data sets: ``seed`` (`recipes/seed_regime.yaml`, the bench folder of issue 15's benchmark, so its
-random arms are shared) and ``pyseqm`` (`recipes/pyseqm_mf.yaml`, 3 epochs in float32, needs
-``../shared``). Results: ``<out>/selection.json`` and ``<out>/selection.md``.
+Data sets: ``seed`` (`recipes/seed_regime.yaml`, in the bench folder of
+`scripts/benchmark_seed_regime.py`, so its random arms are shared) and ``pyseqm``
+(`recipes/pyseqm_mf.yaml`, 3 epochs in float32, needs ``../shared``). Results: ``<out>/selection.json`` and ``<out>/selection.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DATASETS = {
-    "seed": (ROOT / "recipes/seed_regime.yaml", ["md_check.enabled=false"], ROOT / "runs/seed-bench"),
+    "seed": (ROOT / "recipes/seed_regime.yaml", ["md_check.enabled=false"], ROOT / "runs/seed-regime/tzvp"),
     "pyseqm": (
         ROOT / "recipes/pyseqm_mf.yaml",
         ["training.epochs=3", "dtype=float32", "num_threads=1", "md_check.enabled=false"],

@@ -58,7 +58,9 @@ def test_selection_script_compares_chosen_with_random_subsets():
     assert "| 20% | `fps` | 100 ± 1 | 90 ± 1 | 10.0 ± 0.5 | 9.0 ± 0.2 | yes |" in text
 
 
-@pytest.mark.parametrize("name", ["benchmark_verdict", "benchmark_selection", "make_seed_regime_data"])
+@pytest.mark.parametrize(
+    "name", ["benchmark_verdict", "benchmark_selection", "benchmark_seed_regime", "make_seed_regime_data"]
+)
 def test_scripts_explain_themselves(name, capsys):
     module = load(name)
     sys.argv = [name, "--help"]
