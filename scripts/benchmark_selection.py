@@ -12,7 +12,8 @@ pyseqm's training pool (2337 geometries, SPICE foundation) is measured end to en
 
 Data sets: ``seed`` (`recipes/seed_regime.yaml`, in the bench folder of
 `scripts/benchmark_seed_regime.py`, so its random arms are shared) and ``pyseqm``
-(`recipes/pyseqm_mf.yaml`, 3 epochs in float32, needs ``../shared``). Results: ``<out>/selection.json`` and ``<out>/selection.md``.
+(`recipes/pyseqm_mf.yaml`, 3 epochs in float32, needs ``../shared``). Results:
+``<out>/selection.json`` and ``<out>/selection.md``.
 """
 
 from __future__ import annotations
