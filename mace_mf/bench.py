@@ -47,6 +47,7 @@ from mace_mf.recipe import Recipe, load_recipe
 log = logging.getLogger(__name__)
 
 RESOLVED = 0.95  # share of bootstrap resamples of the pairs that must prefer the chosen arm
+TIE = 1.05  # a 90 % bootstrap interval of the RMSE ratio inside [1/TIE, TIE]: the two arms are equal
 SCORED = ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A", "fd_rmse_meV_A", "n_pairs")
 
 
@@ -374,7 +375,8 @@ def decide(
     On the high level's validation forces where every candidate has them; else on the displacement
     pairs (mean over seeds of each pair's squared error, so every seed's model counts); else none.
     ``preference`` is the share of bootstrap resamples of the pairs in which the choice beats the
-    runner-up; the decision is ``resolved`` from 0.95.
+    runner-up; the decision is ``resolved`` from 0.95, and a ``tie`` when the 90 % bootstrap interval
+    of their RMSE ratio lies within 5 % of 1 (the pairs then show the two are equal, not which is better).
     """
     candidates = [k for k in runs if "@" not in k and k != "sf-high-ef"]
     decision: dict[str, Any] = {"basis": None, "best": None, "runner_up": None, "resolved": False}
@@ -414,6 +416,7 @@ def decide(
     preference, low, high_ratio = paired_preference(squared[best][usable], squared[second][usable], w)
     n = int(usable.sum())
     resolved = preference >= RESOLVED
+    tie = not resolved and low >= 1.0 / TIE and high_ratio <= TIE
     decision.update(
         basis="pairs",
         best=best,
@@ -422,6 +425,7 @@ def decide(
         preference=preference,
         ratio_90=[low, high_ratio],
         resolved=resolved,
+        tie=tie,
         n_pairs=n,
         n_energies=2 * n,
         geometries=geometries,
@@ -434,7 +438,12 @@ def decide(
             + f": valid F·u RMSE {values[mf_arm]:.0f} ({mf_arm}) vs {values['sf-high-e']:.0f} meV/Å (energies only), "
             f"{mf_arm} preferred in {pays:.0%} of resamples"
         )
-    state = "resolved" if resolved else f"NOT resolved (below {RESOLVED:.0%}: label more pairs)"
+    if resolved:
+        state = "resolved"
+    elif tie:
+        state = f"a tie: the two are within {TIE - 1:.0%} of each other, and either is a sound choice"
+    else:
+        state = f"NOT resolved (below {RESOLVED:.0%}, and not a tie within {TIE - 1:.0%}): label more pairs"
     decision["line"] = (
         f"decided without {high} forces, on {n} displacement pairs ({2 * n} {high} energies, {geometries} "
         f"validation geometries): {best} has the lowest directional-force RMSE, {values[best]:.0f} meV/Å, against "

@@ -313,6 +313,15 @@ class TrainingSpec(_Section):
             "null: the last declared fidelity."
         ),
     )
+    select_on: Literal["all", "target"] = Field(
+        default="all",
+        description=(
+            "Validation loss that picks the best checkpoint and drives the scheduler: `all` (every fidelity's "
+            "weighted terms, as in the training loss) or `target` (the target fidelity's alone; a target with no "
+            "weighted term is judged by `all`). With 8 high-level energies, `target` kept early epochs that had "
+            "not learnt the low level's forces yet (docs/benchmarks.md, seed regime)."
+        ),
+    )
 
 
 class ExportSpec(_Section):

@@ -100,16 +100,26 @@ class History:
     bad_epochs: int = 0
 
 
-def target_valid_loss(metrics: dict[str, dict[str, Any]], recipe: Recipe) -> float:
-    """The target fidelity's validation loss in the training loss's units (eV², eV²/Å²)."""
-    spec = recipe.fidelities[recipe.target]
-    m = metrics[recipe.target]
+def _weighted_valid_loss(m: dict[str, Any], energy_weight: float, forces_weight: float) -> float:
     loss = 0.0
-    if m["e_rmse_meV_atom"] is not None and spec.energy_weight > 0:
-        loss += spec.energy_weight * (m["e_rmse_meV_atom"] / 1000.0) ** 2
-    if m["f_rmse_meV_A"] is not None and spec.forces_weight > 0:
-        loss += spec.forces_weight * (m["f_rmse_meV_A"] / 1000.0) ** 2
+    if m["e_rmse_meV_atom"] is not None and energy_weight > 0:
+        loss += energy_weight * (m["e_rmse_meV_atom"] / 1000.0) ** 2
+    if m["f_rmse_meV_A"] is not None and forces_weight > 0:
+        loss += forces_weight * (m["f_rmse_meV_A"] / 1000.0) ** 2
     return loss
+
+
+def target_valid_loss(metrics: dict[str, dict[str, Any]], recipe: Recipe) -> float:
+    """The validation loss that selects checkpoints, in the training loss's units (eV², eV²/Å²): the
+    target fidelity's weighted terms (``training.select_on: target``), or every fidelity's (``all``, and whenever
+    the target has no weighted term, which would make every epoch equally good and keep the first)."""
+    target = recipe.fidelities[recipe.target]
+    weighted = target.energy_weight > 0 or target.forces_weight > 0
+    names = [recipe.target] if recipe.training.select_on == "target" and weighted else list(recipe.fidelities)
+    return sum(
+        _weighted_valid_loss(metrics[n], recipe.fidelities[n].energy_weight, recipe.fidelities[n].forces_weight)
+        for n in names
+    )
 
 
 class TrainingStep(torch.nn.Module):

@@ -146,7 +146,7 @@ def true_valid_rmse(run: Path, high: str, valid: str | list[str], energy_key: st
 
 def cost_table(folders: dict[str, list[Path]], high: str, truth: dict[str, float]) -> list[dict[str, float]]:
     """For subsets of the pairs: how often the decision is right, and resolved."""
-    from mace_mf.bench import RESOLVED, pair_squared_errors
+    from mace_mf.bench import RESOLVED, TIE, pair_squared_errors
     from mace_mf.pairs import paired_preference
 
     squared, weights = {}, None
@@ -162,7 +162,7 @@ def cost_table(folders: dict[str, list[Path]], high: str, truth: dict[str, float
     for n in COST_PAIRS:
         if n > table.shape[1]:
             continue
-        right = resolved = 0
+        right = resolved = settled = 0
         for _ in range(DRAWS):
             pick = rng.choice(table.shape[1], size=n, replace=False)
             w = weights[pick]
@@ -170,9 +170,20 @@ def cost_table(folders: dict[str, list[Path]], high: str, truth: dict[str, float
             order = np.argsort(rmse)
             chosen = arms[order[0]]
             right += truth[chosen] <= WITHIN * best_true
-            pref, _, _ = paired_preference(table[order[0], pick], table[order[1], pick], w, seed=int(rng.integers(1e9)))
+            pref, low, high_ratio = paired_preference(
+                table[order[0], pick], table[order[1], pick], w, seed=int(rng.integers(1e9))
+            )
             resolved += pref >= RESOLVED
-        rows.append({"pairs": n, "energies": 2 * n, "right": right / DRAWS, "resolved": resolved / DRAWS})
+            settled += pref >= RESOLVED or (low >= 1 / TIE and high_ratio <= TIE)
+        rows.append(
+            {
+                "pairs": n,
+                "energies": 2 * n,
+                "right": right / DRAWS,
+                "resolved": resolved / DRAWS,
+                "settled": settled / DRAWS,
+            }
+        )
     return rows
 
 
@@ -237,6 +248,7 @@ def markdown(results: dict[str, dict]) -> str:
             lines += [f"## {name}: skipped ({r['skipped']})", ""]
             continue
         d = r["decision"]
+        state = "resolved" if d["resolved"] else "a tie" if d.get("tie") else "not resolved"
         kind = "pair energies projected from true forces" if r["projected"] else "pair energies computed"
         lines += [
             f"## {name} (high level `{r['high']}`, {r['pairs']} pairs, {kind})",
@@ -251,7 +263,7 @@ def markdown(results: dict[str, dict]) -> str:
             )
         lines += [
             "",
-            f"- decision: `{d['best']}` ({'resolved' if d['resolved'] else 'not resolved'}, preferred in "
+            f"- decision: `{d['best']}` ({state}, preferred in "
             f"{d['preference']:.0%} of resamples over `{d['runner_up']}`); best by test forces: "
             f"`{r['best_by_test_forces']}`; **{'right' if r['right'] else 'WRONG'}** (within {WITHIN - 1:.0%})",
             f"- ranking by pairs {' < '.join(r['ranking_pairs'])}; by true valid forces "
@@ -260,7 +272,8 @@ def markdown(results: dict[str, dict]) -> str:
             f"valid F RMSE, the pairs get {r['orderings_pairs_agree']} right",
             "- cost: "
             + "; ".join(
-                f"{c['pairs']} pairs ({c['energies']} energies): right {c['right']:.0%}, resolved {c['resolved']:.0%}"
+                f"{c['pairs']} pairs ({c['energies']} energies): right {c['right']:.0%}, resolved {c['resolved']:.0%}, "
+                f"resolved or a tie {c['settled']:.0%}"
                 for c in r["cost"]
             ),
             "",
