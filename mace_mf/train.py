@@ -110,9 +110,10 @@ def _weighted_valid_loss(m: dict[str, Any], energy_weight: float, forces_weight:
 
 
 def target_valid_loss(metrics: dict[str, dict[str, Any]], recipe: Recipe) -> float:
-    """The validation loss that selects checkpoints, in the training loss's units (eV², eV²/Å²): the
-    target fidelity's weighted terms (``training.select_on: target``), or every fidelity's (``all``, and whenever
-    the target has no weighted term, which would make every epoch equally good and keep the first)."""
+    """The validation loss that selects checkpoints, in the training loss's units (eV², eV²/Å²):
+    every fidelity's weighted terms (``training.select_on: all``), or the target fidelity's alone
+    (``target``; unless it has no weighted term, which would make every epoch equally good and keep
+    the first)."""
     target = recipe.fidelities[recipe.target]
     weighted = target.energy_weight > 0 or target.forces_weight > 0
     names = [recipe.target] if recipe.training.select_on == "target" and weighted else list(recipe.fidelities)
