@@ -179,6 +179,22 @@ def test_quickstart_recipe_runs_on_the_bundled_demo(tmp_path):
     assert metrics["test"]["dft"]["n_f"] == 40 and metrics["test"]["xtb"]["n_e"] == 40
 
 
+def test_seed_regime_recipe_runs_on_its_bundled_ladder(tmp_path):
+    """The `make demo` recipe: every geometry carries all four levels; QZVP forces are only scored."""
+    import ase.io
+    from support import ROOT
+
+    frames = ase.io.read(ROOT / "demo" / "seed_regime" / "valid.xyz", ":")
+    for level in ("xtb", "svp", "tzvp", "qzvp"):
+        assert all(f"{level}_energy" in a.info and f"{level}_forces" in a.arrays for a in frames), level
+    sets = ["training.epochs=1", "export.torchscript=false", "md_check.enabled=false"]
+    recipe = load_recipe(ROOT / "recipes" / "seed_regime.yaml", sets)
+    assert recipe.fidelities["qzvp"].forces_weight == 0 and recipe.fidelities["qzvp"].base == "tzvp"
+    out = train_run(recipe, tmp_path / "seed")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["test"]["qzvp"]["n_f"] == 40 and metrics["train"]["tzvp"]["n_f"] == 160
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, tiny_model_file, two_fidelity_files, caplog):
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=2))
     out = train_run(recipe, tmp_path / "out")
