@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 RESOLVED = 0.95  # share of bootstrap resamples of the pairs that must prefer the chosen arm
 TIE = 1.05  # a 90 % bootstrap interval of the RMSE ratio inside [1/TIE, TIE]: the two arms are equal
+# Arms that are not a recipe for the high level: the oracle needs the high-level forces the user lacks;
+# the low head and the zero-shot foundation never see a high-level label (their high-level energies
+# are the low level's, or the foundation's, with refitted E0s). They are scored, never recommended.
+NOT_RECIPES = ("sf-high-ef", "sf-low", "zero-shot")
 SCORED = ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A", "fd_rmse_meV_A", "n_pairs")
 
 
@@ -362,6 +366,15 @@ def recommendation(arm: Arm, recipe_file: Path) -> str:
     return f"{arm.description}: mace-mf train {recipe_file} {sets}"
 
 
+def _energy_tie_break(ranked: list[str], values: dict[str, float], summary: dict[str, dict[str, Any]]) -> str:
+    """Of the arms within 5 % of the best force error, the one with the lowest validation energy error."""
+    near = [k for k in ranked if values[k] <= TIE * values[ranked[0]]]
+    energies = {k: summary[k].get("valid/e_rmse_meV_atom") for k in near}
+    if any(v is None for v in energies.values()):
+        return ranked[0]
+    return min(near, key=lambda k: energies[k])  # type: ignore[arg-type, return-value]
+
+
 def decide(
     runs: dict[str, list[Path]],
     summary: dict[str, dict[str, Any]],
@@ -370,7 +383,8 @@ def decide(
     recipe_file: Path,
     mf_arm: str,
 ) -> dict[str, Any]:
-    """Which arm to train, decided on the validation split without the oracle.
+    """Which arm to train, decided on the validation split among the recipes for the high level
+    (never :data:`NOT_RECIPES`); of arms within 5 % on forces, the one with the better energies.
 
     On the high level's validation forces where every candidate has them; else on the displacement
     pairs (mean over seeds of each pair's squared error, so every seed's model counts); else none.
@@ -378,7 +392,7 @@ def decide(
     runner-up; the decision is ``resolved`` from 0.95, and a ``tie`` when the 90 % bootstrap interval
     of their RMSE ratio lies within 5 % of 1 (the pairs then show the two are equal, not which is better).
     """
-    candidates = [k for k in runs if "@" not in k and k != "sf-high-ef"]
+    candidates = [k for k in runs if "@" not in k and k not in NOT_RECIPES]
     decision: dict[str, Any] = {"basis": None, "best": None, "runner_up": None, "resolved": False}
     if len(candidates) < 2:
         decision["line"] = "no decision: run at least two arms besides the oracle"
@@ -386,11 +400,13 @@ def decide(
     forces = {k: summary[k].get("valid/f_rmse_meV_A") for k in candidates}
     if all(v is not None for v in forces.values()):
         ranked = sorted(candidates, key=lambda k: forces[k])
-        best, second = ranked[:2]
+        best = _energy_tie_break(ranked, forces, summary)
+        second = next(k for k in ranked if k != best)
         decision.update(basis="forces", best=best, runner_up=second, values={k: forces[k] for k in ranked})
         decision["resolved"] = True
+        note = f" (within {TIE - 1:.0%} of {ranked[0]} on forces, better on energies)" if best != ranked[0] else ""
         decision["line"] = (
-            f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å; next {second} "
+            f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å{note}; next {second} "
             f"{forces[second]:.0f}). Recommended: {recommendation(arms[best], recipe_file)}"
         )
         return decision
@@ -412,7 +428,8 @@ def decide(
     w = weights[usable]
     values = {k: weighted_rmse(v[usable], w) for k, v in squared.items()}
     ranked = sorted(values, key=values.get)  # type: ignore[arg-type]
-    best, second = ranked[:2]
+    best = _energy_tie_break(ranked, values, summary)
+    second = next(k for k in ranked if k != best)
     preference, low, high_ratio = paired_preference(squared[best][usable], squared[second][usable], w)
     n = int(usable.sum())
     resolved = preference >= RESOLVED
@@ -446,7 +463,13 @@ def decide(
         state = f"NOT resolved (below {RESOLVED:.0%}, and not a tie within {TIE - 1:.0%}): label more pairs"
     decision["line"] = (
         f"decided without {high} forces, on {n} displacement pairs ({2 * n} {high} energies, {geometries} "
-        f"validation geometries): {best} has the lowest directional-force RMSE, {values[best]:.0f} meV/Å, against "
+        f"validation geometries): {best} "
+        + (
+            "has the lowest directional-force RMSE"
+            if best == ranked[0]
+            else f"(within {TIE - 1:.0%} of {ranked[0]}, better on energies) has directional-force RMSE"
+        )
+        + f", {values[best]:.0f} meV/Å, against "
         f"{second} {values[second]:.0f} (RMSE ratio {low:.2f}–{high_ratio:.2f}, 90 % bootstrap); preferred in "
         f"{preference:.0%} of resamples of the pairs: {state}. Recommended: {recommendation(arms[best], recipe_file)}"
     )
