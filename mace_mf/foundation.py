@@ -23,6 +23,7 @@ from ase.data import chemical_symbols
 from mace.modules.models import ScaleShiftMACE
 
 from mace_mf.errors import FoundationError
+from mace_mf.heads import torchscript_quiet
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,8 @@ def keep_elements(single: ScaleShiftMACE, info: FoundationInfo, atomic_numbers: 
             num_elements=len(atomic_numbers),
             atomic_energies=single.atomic_energies_fn.atomic_energies[..., index].detach().cpu().numpy(),
         )
-        model = type(single)(**config).to(dtype)
+        with torchscript_quiet():  # building a MACE scripts every e3nn layer
+            model = type(single)(**config).to(dtype)
         load_foundations_elements(
             model,
             single,

@@ -113,3 +113,25 @@ def test_export_silences_exactly_torchscripts_annotation_warning(run, tmp_path):
             warnings.warn(TORCHSCRIPT_ANNOTATION_WARNING + " (a test)", UserWarning, stacklevel=1)
             warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else"]
+
+
+def test_a_training_run_prints_no_torchscript_annotation_warning(tmp_path, tiny_model_file):
+    """What the user sees: a whole `mace-mf train` (elements cut, TorchScript and LAMMPS exports, MD
+    check) in a fresh process writes no TorchScript annotation warning to the console."""
+    import ase.io
+    from support import ROOT, label, sample_molecules
+
+    files = {}
+    for split, n, seed in (("train", 16, 1), ("valid", 6, 2), ("test", 6, 3)):
+        frames = [a for a in sample_molecules(2 * n, seed) if 7 not in a.numbers][:n]  # no N: the cut runs
+        label(frames, "lo", 0.9, 1.25, -10.0)
+        label(frames, "hi", 1.0, 1.2, -50.0)
+        files[split] = tmp_path / f"{split}.xyz"
+        ase.io.write(files[split], frames)
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, files, epochs=1)
+    command = [sys.executable, "-W", "always", "-m", "mace_mf.cli", "train", str(recipe), "--out", str(tmp_path / "o")]
+    command += ["--set", "export.torchscript=true", "--set", "export.lammps=true"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "kept H C O" in done.stderr  # the foundation was cut to the data's elements
+    assert "TorchScript type system" not in done.stdout + done.stderr
