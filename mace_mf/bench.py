@@ -366,15 +366,6 @@ def recommendation(arm: Arm, recipe_file: Path) -> str:
     return f"{arm.description}: mace-mf train {recipe_file} {sets}"
 
 
-def _energy_tie_break(ranked: list[str], values: dict[str, float], summary: dict[str, dict[str, Any]]) -> str:
-    """Of the arms within 5 % of the best force error, the one with the lowest validation energy error."""
-    near = [k for k in ranked if values[k] <= TIE * values[ranked[0]]]
-    energies = {k: summary[k].get("valid/e_rmse_meV_atom") for k in near}
-    if any(v is None for v in energies.values()):
-        return ranked[0]
-    return min(near, key=lambda k: energies[k])  # type: ignore[arg-type, return-value]
-
-
 def decide(
     runs: dict[str, list[Path]],
     summary: dict[str, dict[str, Any]],
@@ -383,8 +374,8 @@ def decide(
     recipe_file: Path,
     mf_arm: str,
 ) -> dict[str, Any]:
-    """Which arm to train, decided on the validation split among the recipes for the high level
-    (never :data:`NOT_RECIPES`); of arms within 5 % on forces, the one with the better energies.
+    """Which arm to train: the lowest validation force error among the recipes for the high level
+    (never :data:`NOT_RECIPES`).
 
     On the high level's validation forces where every candidate has them; else on the displacement
     pairs (mean over seeds of each pair's squared error, so every seed's model counts); else none.
@@ -400,13 +391,11 @@ def decide(
     forces = {k: summary[k].get("valid/f_rmse_meV_A") for k in candidates}
     if all(v is not None for v in forces.values()):
         ranked = sorted(candidates, key=lambda k: forces[k])
-        best = _energy_tie_break(ranked, forces, summary)
-        second = next(k for k in ranked if k != best)
+        best, second = ranked[:2]
         decision.update(basis="forces", best=best, runner_up=second, values={k: forces[k] for k in ranked})
         decision["resolved"] = True
-        note = f" (within {TIE - 1:.0%} of {ranked[0]} on forces, better on energies)" if best != ranked[0] else ""
         decision["line"] = (
-            f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å{note}; next {second} "
+            f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å; next {second} "
             f"{forces[second]:.0f}). Recommended: {recommendation(arms[best], recipe_file)}"
         )
         return decision
@@ -428,8 +417,7 @@ def decide(
     w = weights[usable]
     values = {k: weighted_rmse(v[usable], w) for k, v in squared.items()}
     ranked = sorted(values, key=values.get)  # type: ignore[arg-type]
-    best = _energy_tie_break(ranked, values, summary)
-    second = next(k for k in ranked if k != best)
+    best, second = ranked[:2]
     preference, low, high_ratio = paired_preference(squared[best][usable], squared[second][usable], w)
     n = int(usable.sum())
     resolved = preference >= RESOLVED
@@ -463,14 +451,8 @@ def decide(
         state = f"NOT resolved (below {RESOLVED:.0%}, and not a tie within {TIE - 1:.0%}): label more pairs"
     decision["line"] = (
         f"decided without {high} forces, on {n} displacement pairs ({2 * n} {high} energies, {geometries} "
-        f"validation geometries): {best} "
-        + (
-            "has the lowest directional-force RMSE"
-            if best == ranked[0]
-            else f"(within {TIE - 1:.0%} of {ranked[0]}, better on energies) has directional-force RMSE"
-        )
-        + f", {values[best]:.0f} meV/Å, against "
-        f"{second} {values[second]:.0f} (RMSE ratio {low:.2f}–{high_ratio:.2f}, 90 % bootstrap); preferred in "
+        f"validation geometries): {best} has the lowest directional-force RMSE, {values[best]:.0f} meV/Å, "
+        f"against {second} {values[second]:.0f} (RMSE ratio {low:.2f}–{high_ratio:.2f}, 90 % bootstrap); preferred in "
         f"{preference:.0%} of resamples of the pairs: {state}. Recommended: {recommendation(arms[best], recipe_file)}"
     )
     return decision
