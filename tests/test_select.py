@@ -95,3 +95,38 @@ def test_recipe_keeps_high_labels_exactly_where_select_would_put_them(tmp_path, 
     assert len({tuple(v) for v in chosen.values()}) == 3
     resolved = json.loads(json.dumps(recipe.model_dump(mode="json")))
     assert resolved["fidelities"]["hi"]["label_selection"] == "disagreement"
+
+
+def test_chosen_compositions_resolve_every_reference_energy():
+    from mace_mf.select import cover_compositions
+
+    # H, C, N, O counts: H2O2, N2O, H2O2 again, HCO, CH3NO2 (a method ranked them in this order)
+    counts = np.array([[2, 0, 0, 2], [0, 0, 2, 1], [2, 0, 0, 2], [1, 1, 0, 1], [3, 1, 1, 2]], dtype=float)
+    picks = cover_compositions(counts, [0, 1, 2, 3, 4], 4)
+    assert sorted(picks) == [0, 1, 3, 4]  # the repeated H2O2 gave way to CH3NO2
+    assert np.linalg.matrix_rank(counts[picks]) == 4
+    assert cover_compositions(counts, [3, 4, 1, 0, 2], 4) == [3, 4, 1, 0]  # already spanning: unchanged
+    with pytest.raises(Exception, match="fewer geometries than the pool's 4 independent compositions"):
+        cover_compositions(counts, [0, 1, 2, 3, 4], 3)
+
+
+def test_a_head_with_few_energies_keeps_its_base_levels_reference_energies(
+    tmp_path, tiny_model_file, two_fidelity_files
+):
+    """One hi energy (one composition) resolves one direction of the E0s; the others stay at lo's
+    fitted E0s, not at the foundation's (which a real high level can be hundreds of eV away from)."""
+    from mace_mf.run import train_run
+
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=0)
+    out = train_run(load_recipe(recipe_file, ["fidelities.hi.label_fraction=0.04"]), tmp_path / "run")
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith(("| lo |", "| hi |"))]
+    lo, hi = (np.array([float(x) for x in row.strip("|").split("|")[1:]]) for row in table)
+    train = ase.io.read(two_fidelity_files["train"], ":")
+    kept = load_recipe(recipe_file, ["fidelities.hi.label_fraction=0.04"])
+    foundation, info = load_foundation(kept.foundation.model, None, torch.float64)
+    frames, _, _ = select_frames(kept, info, foundation)
+    (only,) = [f.atoms for f in frames if f.labels.energy[1] is not None]
+    composition = np.array([np.sum(only.numbers == z) for z in (1, 6, 7, 8)], dtype=float)
+    delta = hi - lo
+    np.testing.assert_allclose(delta, composition * (delta @ composition) / (composition @ composition), atol=1e-6)
+    assert len(train) == 24
