@@ -289,14 +289,15 @@ def _metric_value(folder: Path, metric: str, goal: str) -> float | None:
 class StopAfterTrial:
     """Ctrl-C handling of a local sweep: the first press asks to stop after the running trial, the
     second raises KeyboardInterrupt at once. Outside the main thread signals cannot be caught, so
-    there Ctrl-C keeps Python's default."""
+    there Ctrl-C keeps Python's default; a process started with SIGINT ignored (``nohup``, a
+    script's background job) keeps ignoring it, as the user who launched it that way asked."""
 
     def __init__(self) -> None:
         self.requested = False
         self._previous: Any = None
 
     def __enter__(self) -> StopAfterTrial:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

@@ -122,6 +122,15 @@ def test_ranking_follows_the_goal_and_puts_failures_last(tmp_path, tiny_recipe):
     assert [r["trial"] for r in ranked(records, sweep)] == ["a", "c", "d", "b"]
 
 
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own Ctrl-C handler for the test, the launcher's back afterwards: a test run started
+    with SIGINT ignored (a script's background job, as CI may be) would never see the press."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def ctrl_c_during_export(monkeypatch, at_call):
     """Press Ctrl-C (SIGINT to this process) while the ``at_call``-th run exports its models."""
     from mace_mf import run as run_module
@@ -140,7 +149,7 @@ def ctrl_c_during_export(monkeypatch, at_call):
 
 
 def test_offline_grid_sweep_runs_four_trials_in_one_group_stops_on_ctrl_c_continues_and_ranks(
-    tmp_path, tiny_recipe, wandb_env, monkeypatch, capsys
+    tmp_path, tiny_recipe, wandb_env, monkeypatch, capsys, python_ctrl_c
 ):
     grid = sweep_file(tmp_path / "s.yaml", GRID)
     out = tmp_path / "sweep"
@@ -150,7 +159,7 @@ def test_offline_grid_sweep_runs_four_trials_in_one_group_stops_on_ctrl_c_contin
     calls = ctrl_c_during_export(monkeypatch, at_call=2)
     assert main(args) == 0
     assert f"sweep stopped early; continue it with the same command and --out {out}" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the sweep's handler is gone
     first = json.loads((out / "trials.json").read_text())["trials"]
     assert sorted(t["trial"] for t in first) == ["trial-000", "trial-001"]  # trial-001 finished, then it stopped
     assert all(t["status"] == "complete" for t in first)
@@ -228,3 +237,19 @@ def test_a_trial_from_the_wandb_agent_takes_its_run_id_and_parameters(tmp_path, 
     config = run_config(run_record)
     assert config["training"]["lr"] == 0.003 and run_record["run_group"] == "g"
     assert json.loads((tmp_path / "sweep" / "trials.json").read_text())["trials"][0]["trial"] == "trial-agentrun1"
+
+
+def test_a_sweep_started_with_ctrl_c_ignored_keeps_ignoring_it():
+    """``nohup mace-mf sweep ...`` (SIGINT ignored at start) must not be stoppable by a stray Ctrl-C."""
+    from mace_mf.sweep import StopAfterTrial
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopAfterTrial():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with StopAfterTrial() as stop:
+            assert signal.getsignal(signal.SIGINT) == stop._handle
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
