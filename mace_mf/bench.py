@@ -112,6 +112,11 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
             f"the recipe, {high} labels kept on geometries chosen by farthest-point sampling (at fractions < 1)",
         ),
         Arm(
+            "mf-kmeans",
+            (f"{hi}.label_selection=kmeans",),
+            f"the recipe, {high} labels kept on the geometries nearest k-means centres (at fractions < 1)",
+        ),
+        Arm(
             "mf-disagreement",
             (f"{hi}.label_selection=disagreement",),
             f"the recipe, {high} labels kept where the foundation disagrees most with {low} (at fractions < 1)",

@@ -316,12 +316,12 @@ def select_command(
     model: Annotated[
         Path | None, typer.Option(help="MACE .model file or run folder whose descriptors/forces guide the choice.")
     ] = None,
-    method: Annotated[str, typer.Option(help="fps (default), disagreement or random.")] = "fps",
+    method: Annotated[str, typer.Option(help="fps (default), kmeans, disagreement or random.")] = "fps",
     head: Annotated[str | None, typer.Option(help="Head of a multi-head model (disagreement).")] = None,
     forces_key: Annotated[
         str | None, typer.Option(help="Low-level forces in the pool (atoms.arrays), for disagreement.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the first pick (fps) or of the draw (random).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of fps's first pick, the k-means start or the random draw.")] = 0,
     rest: Annotated[Path | None, typer.Option(help="Also write the geometries not chosen here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     data_format: Annotated[str | None, typer.Option("--format", help="ASE format of POOL (default: guessed).")] = None,

@@ -147,11 +147,12 @@ class FidelitySpec(_Section):
             "geometries (learning curves without new data files)."
         ),
     )
-    label_selection: Literal["random", "fps", "disagreement"] = Field(
+    label_selection: Literal["random", "fps", "kmeans", "disagreement"] = Field(
         default="random",
         description=(
             "Which training geometries keep the labels when `label_fraction` < 1: `random` (seeded), `fps` "
-            "(farthest-point sampling in the foundation's descriptor space), `disagreement` (where the foundation's "
+            "(farthest-point sampling in the foundation's descriptor space), `kmeans` (the geometry nearest each "
+            "k-means centre there), `disagreement` (where the foundation's "
             "forces are farthest from the `base` fidelity's); what `mace-mf select` does to a pool."
         ),
     )

@@ -165,7 +165,7 @@ def select_frames(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Mod
 
 
 def label_chooser(recipe: Recipe, train: list[Frame], model: torch.nn.Module | None) -> Chooser | None:
-    """The chooser of mace_mf.select for ``label_selection`` (fps, disagreement) with ``model``."""
+    """The chooser of mace_mf.select for ``label_selection`` (fps, kmeans, disagreement) with ``model``."""
     if model is None:
         return None
     names = list(recipe.fidelities)

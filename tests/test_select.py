@@ -15,7 +15,7 @@ from mace_mf.cli import main
 from mace_mf.foundation import load_foundation
 from mace_mf.recipe import load_recipe
 from mace_mf.run import select_frames
-from mace_mf.select import budget_count, descriptors, farthest_points, select
+from mace_mf.select import budget_count, cluster_centres, descriptors, farthest_points, select
 
 
 def test_farthest_points_cover_every_cluster_before_repeating_one():
@@ -26,6 +26,21 @@ def test_farthest_points_cover_every_cluster_before_repeating_one():
     assert sorted(i // 30 for i in picked) == [0, 1, 2, 3, 4]
     assert farthest_points(points, 5, seed=3) == picked
     assert len(set(farthest_points(points, 40, seed=1))) == 40
+
+
+def test_kmeans_takes_one_typical_geometry_per_cluster_where_fps_takes_outliers():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0], [10, 0], [0, 10], [10, 10]], dtype=float)
+    points = np.concatenate([c + 0.3 * rng.normal(size=(40, 2)) for c in centres])
+    points = np.concatenate([points, [[30.0, 30.0]]])  # one outlier, index 160
+    ranking = cluster_centres(points, 4, seed=0)
+    assert sorted(ranking) == list(range(161))  # a ranking of the whole pool
+    picked = ranking[:4]
+    assert 160 not in picked and sorted(i // 40 for i in picked) == [0, 1, 2, 3]
+    for i in picked:  # each pick sits near its cloud's centre (the outlier pulls one a little), not at its edge
+        assert np.linalg.norm(points[i] - centres[i // 40]) < 0.6
+    assert 160 in farthest_points(points, 4, seed=0)
+    assert cluster_centres(points, 4, seed=0) == ranking
 
 
 def test_descriptors_are_invariant_to_rotation_translation_and_atom_order():
