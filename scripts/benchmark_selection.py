@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -39,18 +40,21 @@ DATASETS = {
 }
 
 
-def time_selection(fraction: float) -> dict[str, float] | None:
-    """Wall time of `mace-mf select` for a fraction of pyseqm's training pool, in a fresh process."""
+def time_selection(fraction: float, method: str) -> dict | None:
+    """Wall time of `mace-mf select` for a fraction of pyseqm's training pool, in a fresh process,
+    with the machine's load average beside it (the figure is only comparable at the same load)."""
     pool = SHARED / "data/pyseqm_chno/train.xyz"
     model = SHARED / "models/spice_small_2022.model"
     if not pool.is_file() or not model.is_file():
         return None
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "mace_mf.cli", "select", str(pool), f"{folder}/chosen.xyz"]
-        command += ["--budget", str(fraction), "--model", str(model)]
+        command += ["--budget", str(fraction), "--model", str(model), "--method", method]
+        load = os.getloadavg()[0]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
-        return {"fraction": fraction, "pool": 2337, "wall_s": round(time.perf_counter() - start, 1)}
+        wall = time.perf_counter() - start
+    return {"fraction": fraction, "method": method, "pool": 2337, "wall_s": round(wall, 1), "load": round(load, 1)}
 
 
 def compare(summary: dict, fractions: list[float], methods: list[str]) -> list[dict]:
@@ -75,12 +79,12 @@ def compare(summary: dict, fractions: list[float], methods: list[str]) -> list[d
 
 def markdown(results: dict) -> str:
     lines = ["# Choosing the geometries for the high-level labels (scripts/benchmark_selection.py)", ""]
-    if results.get("timing"):
-        t = results["timing"]
-        lines += [
-            f"`mace-mf select` of {t['fraction']:.0%} of pyseqm's {t['pool']}-geometry pool: {t['wall_s']} s.",
-            "",
-        ]
+    for t in results.get("timing") or []:
+        lines.append(
+            f"`mace-mf select --method {t['method']}` of {t['fraction']:.0%} of pyseqm's {t['pool']}-geometry "
+            f"pool: {t['wall_s']} s (load average {t['load']} at the start)."
+        )
+    lines.append("")
     for name, rows in results["datasets"].items():
         if isinstance(rows, str):
             lines += [f"## {name}: skipped ({rows})", ""]
@@ -120,7 +124,8 @@ def main() -> int:
     methods = [m for m in args.methods.split(",") if m]
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    results: dict = {"timing": time_selection(0.2), "datasets": {}}
+    timed = [time_selection(0.2, m) for m in methods if m != "disagreement"]  # disagreement needs --forces-key
+    results: dict = {"timing": [t for t in timed if t is not None], "datasets": {}}
     for name in [n for n in args.datasets.split(",") if n]:
         recipe, common, bench_out = DATASETS[name]
         if name == "pyseqm" and not (SHARED / "data/pyseqm_chno").is_dir():
