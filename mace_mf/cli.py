@@ -316,7 +316,7 @@ def select_command(
     model: Annotated[
         Path | None, typer.Option(help="MACE .model file or run folder whose descriptors/forces guide the choice.")
     ] = None,
-    method: Annotated[str, typer.Option(help="fps (default), kmeans, disagreement or random.")] = "fps",
+    method: Annotated[str, typer.Option(help="kmeans (default), fps, disagreement or random.")] = "kmeans",
     head: Annotated[str | None, typer.Option(help="Head of a multi-head model (disagreement).")] = None,
     forces_key: Annotated[
         str | None, typer.Option(help="Low-level forces in the pool (atoms.arrays), for disagreement.")

@@ -18,7 +18,9 @@ fidelity's labels in a benchmark):
   of the model against the low-level forces), where a model leaning on either is least sure;
 - ``random``: a seeded uniform draw, the baseline.
 
-Measured effect and the default: ``docs/benchmarks.md`` ("Choosing the geometries"). In a recipe the
+Measured effect: ``docs/benchmarks.md`` ("Choosing the geometries"). ``kmeans`` is the default of
+``mace-mf select``: on both data sets measured it gains as much high-level energy accuracy over a
+random subset as ``fps`` (10-37 %) at a smaller cost in forces (at most 1.3 %, against 4 %). In a recipe the
 model is the foundation (all that exists before training); ``mace-mf select --model`` takes any
 MACE file, e.g. the low head of a first, low-level-only fine-tuning.
 """

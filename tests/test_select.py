@@ -82,8 +82,8 @@ def test_select_command_writes_the_choice_in_pool_order_and_the_rest(tmp_path, t
         np.testing.assert_allclose(
             atoms.arrays["lo_forces"], frames[atoms.info["pool_index"]].arrays["lo_forces"], atol=1e-6
         )
-    expected = select(frames, 5, "fps", 0, torch.load(tiny_model_file, weights_only=False))
-    assert sorted(expected) == indices
+    expected = select(frames, 5, "kmeans", 0, torch.load(tiny_model_file, weights_only=False))
+    assert sorted(expected) == indices and {a.info["selection"] for a in chosen} == {"kmeans"}  # the default
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--method", "disagreement"]) == 2
     assert "--forces-key" in capsys.readouterr().err
@@ -94,7 +94,7 @@ def test_select_command_writes_the_choice_in_pool_order_and_the_rest(tmp_path, t
 def test_recipe_keeps_high_labels_exactly_where_select_would_put_them(tmp_path, tiny_model_file, two_fidelity_files):
     recipe_file = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files)
     chosen = {}
-    for method in ("random", "fps", "disagreement"):
+    for method in ("random", "fps", "kmeans", "disagreement"):
         recipe = load_recipe(
             recipe_file, ["fidelities.hi.label_fraction=0.25", f"fidelities.hi.label_selection={method}"]
         )
@@ -105,9 +105,10 @@ def test_recipe_keeps_high_labels_exactly_where_select_would_put_them(tmp_path, 
         assert len(chosen[method]) == 6 and all(f.labels.energy[0] is not None for f in train)  # lo everywhere
     atoms = [a for a in ase.io.read(two_fidelity_files["train"], ":")]
     assert chosen["fps"] == sorted(select(atoms, 6, "fps", 0, foundation))
+    assert chosen["kmeans"] == sorted(select(atoms, 6, "kmeans", 0, foundation))
     lo_forces = [a.arrays["lo_forces"] for a in atoms]
     assert chosen["disagreement"] == sorted(select(atoms, 6, "disagreement", 0, foundation, lo_forces))
-    assert len({tuple(v) for v in chosen.values()}) == 3
+    assert len({tuple(v) for v in chosen.values()}) == 4
     resolved = json.loads(json.dumps(recipe.model_dump(mode="json")))
     assert resolved["fidelities"]["hi"]["label_selection"] == "disagreement"
 
