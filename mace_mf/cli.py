@@ -20,7 +20,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+from mace_mf.config.schema import MDOptions
 from mace_mf.errors import DataError, RunError, UserError
+from mace_mf.run_folder import RunFolder
 
 app = typer.Typer(
     add_completion=False,
@@ -59,7 +61,7 @@ def train(
     wandb: Annotated[str | None, typer.Option(help="W&B mode: online, offline or disabled.")] = None,
 ) -> None:
     """Fine-tune a foundation on the recipe's fidelities; evaluate, export and report."""
-    from mace_mf.recipe import load_recipe
+    from mace_mf.config.loading import load_recipe
 
     overrides = list(set_ or [])
     if wandb is not None:
@@ -69,8 +71,8 @@ def train(
     recipe = load_recipe(recipe_file, overrides)
     if resume and out is None:
         raise RunError("--resume needs --out pointing at the run folder to continue")
-    from mace_mf.distributed import from_env
-    from mace_mf.run import default_out, train_run  # torch and mace: seconds, so after the recipe is checked
+    from mace_mf.train.distributed import from_env
+    from mace_mf.workflows.run import default_out, train_run
 
     dist = from_env()
     if dist.enabled and out is None:
@@ -79,14 +81,14 @@ def train(
     train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
     if not dist.is_main:  # rank 0 writes and reports
         return
-    metrics = json.loads((target / "metrics.json").read_text())
+    metrics = RunFolder(target).read_metrics()
     Console().print(metrics_rich_table(metrics))
     err.print(f"[green]done[/green]: {target}/report.md")
 
 
 def metrics_rich_table(metrics: dict) -> Table:
     """The metrics of every split and fidelity as a terminal table."""
-    from mace_mf.evaluate import metrics_header, metrics_rows
+    from mace_mf.evaluation.metrics import metrics_header, metrics_rows
 
     table = Table(*metrics_header(metrics))
     for row in metrics_rows(metrics):
@@ -109,7 +111,7 @@ def sweep(
     seed: Annotated[int, typer.Option(help="Seed of the local random search.")] = 0,
 ) -> None:
     """Run a hyperparameter sweep: W&B's agent online, local grid/random search offline; rank the trials."""
-    from mace_mf.sweep import run_sweep, table_rows
+    from mace_mf.workflows.sweep import run_sweep, table_rows
 
     try:
         result = run_sweep(recipe_file, sweep_file, list(set_ or []), out, count, seed, wandb)
@@ -140,7 +142,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """Evaluate any MACE model file (or a run's multi-head model) on any labelled data."""
-    from mace_mf.inference import evaluate_model_file
+    from mace_mf.evaluation.inference import evaluate_model_file
 
     metrics = evaluate_model_file(
         model_or_run, [str(p) for p in data], head, energy_key, forces_key, batch_size, [str(p) for p in pairs or []]
@@ -163,18 +165,9 @@ def export(
     ] = False,
 ) -> None:
     """Write single-head, multi-head, TorchScript (and LAMMPS) files from a model or a run."""
-    from mace_mf.export import export_models
-    from mace_mf.heads import head_names
-    from mace_mf.inference import load_model_file
+    from mace_mf.model.export import export_file
 
-    model = load_model_file(model_or_run)
-    names = head_names(model)
-    for name in fidelity or []:
-        if name not in names:
-            raise DataError(f"--fidelity {name!r}: not a head of {model_or_run} (heads: {names})")
-    if out.exists() and any(out.glob("*.model")):
-        raise RunError(f"{out}: already holds exported models; choose another --out")
-    export_models(model, list(fidelity or names), out, multihead=True, torchscript=torchscript, lammps=lammps)
+    export_file(model_or_run, out, fidelity, torchscript, lammps)
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -199,7 +192,7 @@ def bench(
 ) -> None:
     """Train the comparison arms (energies only, oracle, low only, multi-fidelity) and say whether
     multi-fidelity pays on this data (closure on the validation split)."""
-    from mace_mf.bench import run_benchmark
+    from mace_mf.workflows.bench import run_benchmark
 
     run_benchmark(
         recipe_file,
@@ -246,9 +239,9 @@ def label(
     """Label every configuration of INPUT with a calculator; existing labels are kept."""
     import re
 
-    from mace_mf.calculators import parse_calc_kwargs, parse_calculator_spec
-    from mace_mf.labelling import label_file
-    from mace_mf.recipe import FIDELITY_NAME_PATTERN
+    from mace_mf.config.schema import FIDELITY_NAME_PATTERN
+    from mace_mf.labels.calculators import parse_calc_kwargs, parse_calculator_spec
+    from mace_mf.labels.labelling import label_file
 
     if not re.match(FIDELITY_NAME_PATTERN, fidelity):
         raise DataError(f"--fidelity {fidelity!r}: must match {FIDELITY_NAME_PATTERN}")
@@ -287,18 +280,9 @@ def displace(
 ) -> None:
     """Write ± displacements of validation geometries along seeded random directions: label them with
     the high level (energies only) and set data.valid_pairs, to score forces with no force labels."""
-    from mace_mf.data import check_geometry, read_atoms
-    from mace_mf.files import atomic_write_xyz
-    from mace_mf.pairs import make_pairs
+    from mace_mf.data.pairs import displace_file
 
-    if output.exists() and not overwrite:
-        raise RunError(f"{output}: already exists; pass --overwrite to replace it, or choose another OUTPUT")
-    frames = read_atoms(str(input_file), data_format)
-    for i, atoms in enumerate(frames):
-        check_geometry(atoms, f"{input_file}: configuration {i}")
-    pairs = make_pairs(frames, n, delta, seed)
-    atomic_write_xyz(output, pairs)
-    geometries = len({a.info["pair_source"] for a in pairs})
+    geometries = displace_file(input_file, output, n, delta, seed, overwrite, data_format)
     err.print(
         f"{output}: {n} pairs ({2 * n} configurations) from {geometries} geometries of {input_file}, δ = {delta} Å. "
         f"Next: mace-mf label {output} <labelled.xyz> --fidelity <high> --calculator <...> --energies-only, "
@@ -327,55 +311,19 @@ def select_command(
     data_format: Annotated[str | None, typer.Option("--format", help="ASE format of POOL (default: guessed).")] = None,
 ) -> None:
     """Choose the geometries of POOL that should get expensive high-level labels."""
-    import time
+    from mace_mf.data.selection import select_file
 
-    from mace_mf.data import check_geometry, read_atoms
-    from mace_mf.files import atomic_write_xyz
-    from mace_mf.heads import head_names
-    from mace_mf.inference import load_model_file
-    from mace_mf.select import METHODS, budget_count, select
-
-    if method not in METHODS:
-        raise DataError(f"--method {method!r}: use one of {', '.join(METHODS)}")
-    for path in (output, rest):
-        if path is not None and path.exists() and not overwrite:
-            raise RunError(f"{path}: already exists; pass --overwrite to replace it, or choose another name")
-    started = time.perf_counter()
-    frames = read_atoms(str(pool), data_format)
-    for i, atoms in enumerate(frames):
-        check_geometry(atoms, f"{pool}: configuration {i}")
-    count = budget_count(budget, len(frames))
-    loaded = load_model_file(model) if model is not None else None
-    index = 0
-    if loaded is not None and head is not None:
-        names = head_names(loaded)
-        if head not in names:
-            raise DataError(f"--head {head!r}: not a head of {model} (heads: {names})")
-        index = names.index(head)
-    forces = None
-    if method == "disagreement":
-        if forces_key is None:
-            raise DataError("--method disagreement: give --forces-key, the pool's low-level forces (atoms.arrays)")
-        missing = [i for i, a in enumerate(frames) if forces_key not in a.arrays]
-        if missing:
-            raise DataError(f"{pool}: configuration {missing[0]} has no {forces_key!r}; label the pool first")
-        forces = [a.arrays[forces_key] for a in frames]
-    chosen = select(frames, count, method, seed, loaded, forces, index)
-    rank = {i: r for r, i in enumerate(chosen)}
-    picked = []
-    for i in sorted(chosen):
-        atoms = frames[i].copy()
-        atoms.info.update(pool_index=i, selection_rank=rank[i], selection=method)
-        picked.append(atoms)
-    atomic_write_xyz(output, picked)
-    if rest is not None:
-        atomic_write_xyz(rest, [frames[i] for i in range(len(frames)) if i not in rank])
-    wall = time.perf_counter() - started
+    chosen = select_file(pool, output, budget, model, method, head, forces_key, seed, rest, overwrite, data_format)
     err.print(
-        f"{output}: {count} of {len(frames)} geometries of {pool} chosen by {method} in {wall:.1f} s",
+        f"{output}: {chosen.count} of {chosen.pool} geometries of {pool} chosen by {method} in {chosen.seconds:.1f} s",
         highlight=False,
         soft_wrap=True,
     )
+
+
+def _md_default(name: str) -> float:
+    """An MD-check threshold's default, from the recipe schema that defines it."""
+    return MDOptions.model_fields[name].default
 
 
 @app.command("md-check")
@@ -383,13 +331,22 @@ def md_check_command(
     model_or_run: Annotated[Path, typer.Argument(metavar="MODEL", help="A .model file or a run folder.")],
     structures: Annotated[Path, typer.Argument(help="ASE-readable file of starting geometries.")],
     head: Annotated[str | None, typer.Option(help="Head of a multi-head model.")] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Velocity-Verlet steps per structure.")] = 100,
-    dt: Annotated[float, typer.Option(min=0.01, help="Time step (fs).")] = 0.5,
-    temperature: Annotated[float, typer.Option(min=0.0, help="Initial Maxwell-Boltzmann temperature (K).")] = 300.0,
+    steps: Annotated[int, typer.Option(min=1, help="Velocity-Verlet steps per structure.")] = _md_default("steps"),
+    dt: Annotated[float, typer.Option(min=0.01, help="Time step (fs).")] = _md_default("dt_fs"),
+    temperature: Annotated[
+        float, typer.Option(min=0.0, help="Initial Maxwell-Boltzmann temperature (K).")
+    ] = _md_default("temperature_K"),
     limit: Annotated[int | None, typer.Option(min=1, help="Check only the first N structures.")] = None,
-    max_drift: Annotated[float, typer.Option(help="Largest |energy drift| that passes (eV/atom/ps).")] = 0.01,
-    max_bond_stretch: Annotated[float, typer.Option(help="Largest relative bond elongation that passes.")] = 0.5,
-    max_force: Annotated[float, typer.Option(help="Largest force that passes (eV/Å).")] = 50.0,
+    max_drift: Annotated[float, typer.Option(help="Largest |energy drift| that passes (eV/atom/ps).")] = _md_default(
+        "max_drift"
+    ),
+    max_bond_stretch: Annotated[
+        float, typer.Option(help="Largest relative bond elongation that passes.")
+    ] = _md_default("max_bond_stretch"),
+    max_force: Annotated[float, typer.Option(help="Largest force that passes (eV/Å).")] = _md_default("max_force"),
+    min_distance: Annotated[float, typer.Option(help="Closest approach of two atoms that passes (Å).")] = _md_default(
+        "min_distance"
+    ),
     seed: Annotated[int, typer.Option(help="Seed of the initial velocities.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch; 1 is fastest for small molecules.")] = 1,
     out: Annotated[Path, typer.Option(help="Where to write the JSON record.")] = Path("md_check.json"),
@@ -400,28 +357,19 @@ def md_check_command(
     """
     import torch
 
-    from mace_mf.data import check_geometry, read_atoms
-    from mace_mf.inference import load_model_file
-    from mace_mf.md_check import MDCheckOptions, md_check, md_check_markdown, write_md_check
+    from mace_mf.evaluation.md_check import md_check_file, md_check_markdown
 
     torch.set_num_threads(threads)
-
-    frames = read_atoms(str(structures), None)[:limit]
-    for i, atoms in enumerate(frames):
-        check_geometry(atoms, f"{structures}: configuration {i}")
-    model = load_model_file(model_or_run)
-    options = MDCheckOptions(
+    options = MDOptions(
         steps=steps,
         dt_fs=dt,
         temperature_K=temperature,
-        seed=seed,
         max_drift=max_drift,
         max_bond_stretch=max_bond_stretch,
         max_force=max_force,
+        min_distance=min_distance,
     )
-    record = md_check(model, frames, head, options, source=str(model_or_run))
-    record["structures_file"] = str(structures)
-    write_md_check(record, out)
+    record = md_check_file(model_or_run, structures, head, options, seed, limit, out)
     Console().print("\n".join(md_check_markdown(record)[4:]))
     passed = record["passed"]
     err.print(f"[{'green' if passed else 'red'}]{escape(record['summary'])}[/]", highlight=False, soft_wrap=True)
@@ -432,7 +380,7 @@ def md_check_command(
 @recipe_app.command("check")
 def recipe_check(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE")], set_: SetOption = None) -> None:
     """Validate a recipe and print it resolved, with every default filled in."""
-    from mace_mf.recipe import dump_recipe, load_recipe
+    from mace_mf.config.loading import dump_recipe, load_recipe
 
     sys.stdout.write(dump_recipe(load_recipe(recipe_file, list(set_ or []))))
 
@@ -440,7 +388,7 @@ def recipe_check(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE")],
 @recipe_app.command("reference")
 def recipe_reference() -> None:
     """Print the recipe reference (every key, type, default, meaning) as Markdown."""
-    from mace_mf.recipe import reference_markdown
+    from mace_mf.config.messages import reference_markdown
 
     sys.stdout.write(reference_markdown() + "\n")
 

@@ -1,4 +1,4 @@
-"""The seed paper's comparison on PM6/DFT pyseqm_chno (issue 3), through `mace-mf bench`.
+"""The seed paper's comparison on PM6/DFT pyseqm_chno, through `mace-mf bench`.
 
     python scripts/benchmark_fidelity.py                 # full: 3 seeds, learning curve 5/20/100 %
     python scripts/benchmark_fidelity.py --quick         # 300 training geometries, 1 seed
@@ -6,11 +6,11 @@
     python scripts/benchmark_fidelity.py --arms '' --fraction-arms mf --seeds 1   # only mf's 5 and 20 % runs
 
 Both budgets train 3 epochs in float32 (the recipe's 30 epochs in float64 take days on a laptop's
-CPU), two runs at a time (``--workers``), one torch thread each. The default arms are issue 3's six;
-the options of issue 8 (mf-independent, mf-delta, mf-tied, mf-prior, mf-embedding, mf-normalised,
+CPU), two runs at a time (``--workers``), one torch thread each. The default arms are the seed paper's
+six; the coupling options (mf-independent, mf-delta, mf-tied, mf-prior, mf-embedding, mf-normalised,
 mf-warmup) are added with --arms.
 
-Every arm is `recipes/pyseqm_mf.yaml` plus `--set` overrides (see `mace_mf/bench.py`); finished
+Every arm is `recipes/pyseqm_mf.yaml` plus `--set` overrides (see `mace_mf/workflows/bench.py`); finished
 runs in --out are never rerun, so the script resumes where it stopped. Results: <out>/results.json,
 <out>/results.md, <out>/learning_curve.png. Needs ../shared (the data and the SPICE foundation).
 """
@@ -53,8 +53,8 @@ def main() -> int:
         print(f"error: {shared} not found; this benchmark needs the pyseqm_chno data in ../shared", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from mace_mf.bench import run_benchmark
     from mace_mf.errors import UserError
+    from mace_mf.workflows.bench import run_benchmark
 
     out = args.out or ROOT / "runs" / ("benchmark-fidelity-quick" if args.quick else "benchmark-fidelity")
     seeds = args.seeds or ("0" if args.quick else "0,1,2")

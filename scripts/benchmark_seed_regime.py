@@ -1,4 +1,4 @@
-"""The seed paper's regime, measured (issue 15): DFT-quality forces + a higher level's energies.
+"""The seed paper's regime, measured: DFT-quality forces + a higher level's energies.
 
 Data: ``demo/seed_regime/`` (``scripts/make_seed_regime_data.py``): a ladder of GFN2-xTB,
 PBE0/def2-SVP, PBE0/def2-TZVP and PBE0/def2-QZVP energies and forces on the same 240 geometries.
@@ -17,7 +17,8 @@ the oracle (``sf-high-ef``).
     python scripts/benchmark_seed_regime.py --parts ladder --seeds 0
 
 Results: ``<out>/<rung>/results.{json,md}`` per bench, and ``<out>/seed_regime.{json,md}`` with the
-targets of issue 15 checked. Finished runs are reused, so the script resumes where it stopped.
+targets of docs/benchmarks.md ("The seed regime") checked. Finished runs are reused, so the script
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def main() -> int:
         print("error: demo/seed_regime/ not found; run scripts/make_seed_regime_data.py", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from mace_mf.bench import run_benchmark
+    from mace_mf.workflows.bench import run_benchmark
 
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = args.parts.split(",")

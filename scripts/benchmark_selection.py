@@ -1,4 +1,4 @@
-"""Do chosen geometries make a better use of the high-level budget than random ones? (issue 17)
+"""Do chosen geometries make a better use of the high-level budget than random ones?
 
 For each data set, `mace-mf bench` trains the recipe's `mf` arm with the high level's energies kept on
 5 % and 20 % of the training geometries: a random subset (`mf`, as `label_fraction` draws it) against
@@ -119,7 +119,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out = args.out.resolve()  # recipe overrides name files under it; relative paths would resolve elsewhere
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from mace_mf.bench import run_benchmark
+    from mace_mf.workflows.bench import run_benchmark
 
     methods = [m for m in args.methods.split(",") if m]
     fractions = [float(f) for f in args.fractions.split(",")]

@@ -1,4 +1,4 @@
-"""Speed of mace_mf training and of its exported files (issue 5), in one invocation.
+"""Speed of mace_mf training and of its exported files, in one invocation.
 
     python scripts/benchmark_speed.py --out runs/speed                 # every section on ../shared
     python scripts/benchmark_speed.py --out runs/speed --subset 128 --repeats 3 --sections 1
@@ -10,13 +10,13 @@ Sections (``--sections``, comma-separated; each is an independent function in ``
 1. fidelity overhead: wall and CPU time of one training epoch through the real ``Trainer.train_epoch`` with
    two fidelities (low E+F, high E; the recipe's coupling, ``tied`` by default) vs one (high E+F), on the same
    geometries, foundation, batch size and dtype;
-2. against upstream: ``mace-mf train`` vs mace-torch's ``mace_run_train`` (``mace_mf.upstream``, one head per
+2. against upstream: ``mace-mf train`` vs mace-torch's ``mace_run_train`` (``mace_mf.workflows.upstream``, one head per
    fidelity, the same recipe, geometries, labels, batch size, dtype, EMA and epochs), each a child
    process, alternating; epoch time after the first epoch (training + validation of every head, from
    each tool's own log) and the first epoch including set-up;
 3. data pipeline: read + graph building, time to the first batch, and the share of a steady-state
    epoch spent inside the loader (collation), measured in the same real epochs;
-4. inference: the exported single-fidelity ``<high>.model`` (``mace_mf.export``) in stock
+4. inference: the exported single-fidelity ``<high>.model`` (``mace_mf.model.export``) in stock
    ``MACECalculator`` vs the original foundation on the same molecules, and the peak RSS of a
    ``mace-mf train`` child process.
 
@@ -163,7 +163,7 @@ def fidelity_recipe(ctx: Context, arm: str) -> dict[str, Any]:
 
 @dataclass
 class Built:
-    """A model ready to train, as ``mace_mf.run`` builds it, with the set-up times."""
+    """A model ready to train, as ``mace_mf.workflows.run`` builds it, with the set-up times."""
 
     trainer: Any
     model: Any
@@ -175,15 +175,14 @@ def build(ctx: Context, arm: str, name: str) -> Built:
     """Foundation → data → heads (+E0s) → Trainer, timing each step (the real run's functions)."""
     import torch
 
-    from mace_mf.coupling import apply_couplings
-    from mace_mf.foundation import load_foundation
-    from mace_mf.heads import replicate_head
-    from mace_mf.recipe import recipe_from_dict
-    from mace_mf.run import assign_e0s, start_head
-    from mace_mf.train import Trainer
+    from mace_mf.config.loading import recipe_from_dict
+    from mace_mf.model.build import build_model, torch_dtype
+    from mace_mf.model.foundation import load_foundation
+    from mace_mf.train.trainer import Trainer
+    from mace_mf.workflows.prepare import assign_e0s, start_head
 
     recipe = recipe_from_dict(fidelity_recipe(ctx, arm), "benchmark_speed", ROOT)
-    dtype = torch.float64 if recipe.dtype == "float64" else torch.float32
+    dtype = torch_dtype(recipe.dtype)
     device = torch.device(recipe.device)
     seconds: dict[str, float] = {}
     start = time.perf_counter()
@@ -194,8 +193,7 @@ def build(ctx: Context, arm: str, name: str) -> Built:
     seconds["read_and_graphs_s"] = time.perf_counter() - start
     seconds["configs_read"] = len(splits.train) + len(splits.valid)
     start = time.perf_counter()
-    model = replicate_head(single, list(recipe.fidelities)).to(device)
-    apply_couplings(model, recipe)
+    model = build_model(single, recipe).to(device)
     assign_e0s(model, single, recipe, splits.train, device)
     seconds["heads_and_e0s_s"] = time.perf_counter() - start
     trainer = Trainer(model, recipe, splits.train, splits.valid, device, ctx.scratch / name / "checkpoints")
@@ -232,7 +230,7 @@ class TimedLoader:
 
 def time_loading(trainer: Any) -> dict[str, float]:
     """Swap the trainer's training split for one whose loader is timed; return the clock."""
-    from mace_mf.data import Split
+    from mace_mf.data.graphs import Split
 
     clock = {"load_s": 0.0, "first_batch_s": 0.0}
     split = trainer.train
@@ -330,7 +328,7 @@ def section_fidelity_overhead(ctx: Context) -> dict[str, Any]:
     return result
 
 
-MACE_MF_EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO mace_mf\.train: epoch (\d+) ")
+MACE_MF_EPOCH_LINE = re.compile(r"^(\S+ \S+) INFO mace_mf\.train\.trainer: epoch (\d+) ")
 
 
 def children_cpu_s() -> float:
@@ -373,7 +371,7 @@ def timed_mace_mf(ctx: Context, recipe_tree: dict[str, Any], folder: Path) -> di
 
 def timed_upstream(ctx: Context, recipe: Any, folder: Path) -> dict[str, Any]:
     """``mace_run_train`` through ``mace_mf.upstream.run_upstream`` (its epoch times come from its log)."""
-    from mace_mf.upstream import run_upstream
+    from mace_mf.workflows.upstream import run_upstream
 
     cpu = children_cpu_s()
     run = run_upstream(recipe, folder, epochs=ctx.upstream_epochs)
@@ -388,7 +386,7 @@ def timed_upstream(ctx: Context, recipe: Any, folder: Path) -> dict[str, Any]:
 
 def section_against_upstream(ctx: Context) -> dict[str, Any]:
     """2. mace_mf vs upstream multi-head fine-tuning on the same work (target epoch ratio ≤ 0.6)."""
-    from mace_mf.recipe import recipe_from_dict
+    from mace_mf.config.loading import recipe_from_dict
 
     tree = fidelity_recipe(ctx, "two")
     tree["training"]["epochs"] = ctx.upstream_epochs
@@ -573,7 +571,7 @@ def section_inference(ctx: Context) -> dict[str, Any]:
     """4. Exported high-fidelity file vs the foundation in stock MACECalculator (target ≤ 1.05)."""
     import torch
 
-    from mace_mf.export import export_models
+    from mace_mf.model.export import export_models
 
     built = build(ctx, "two", "export")
     built.trainer.train_epoch(0, None)  # trained weights, not the foundation's

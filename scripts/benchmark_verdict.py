@@ -1,4 +1,4 @@
-"""Is `mace-mf bench`'s verdict right when no high-level forces exist? (issue 16)
+"""Is `mace-mf bench`'s verdict right when no high-level forces exist?
 
 For each data set, the high level's forces are removed from the training and validation files (the
 user's real case), displacement pairs of the validation geometries are labelled with the high
@@ -105,10 +105,10 @@ def hide_forces(source: str | list[str], forces_key: str, target: Path) -> Path:
 
 def labelled_pairs(ds: Dataset, valid: str | list[str], energy_key: str, forces_key: str, n: int, work: Path) -> Path:
     """Displacement pairs of the validation geometries with the high level's energies."""
-    from mace_mf.calculators import parse_calculator_spec
+    from mace_mf.data.pairs import make_pairs
     from mace_mf.files import atomic_write_xyz
-    from mace_mf.labelling import label_file
-    from mace_mf.pairs import make_pairs
+    from mace_mf.labels.calculators import parse_calculator_spec
+    from mace_mf.labels.labelling import label_file
 
     target = work / f"pairs{n}.{energy_key}.xyz"
     if target.is_file():
@@ -134,7 +134,7 @@ def labelled_pairs(ds: Dataset, valid: str | list[str], energy_key: str, forces_
 
 def true_valid_rmse(run: Path, high: str, valid: str | list[str], energy_key: str, forces_key: str) -> float | None:
     """The arm's exported high-level model scored on the original validation forces."""
-    from mace_mf.inference import evaluate_model_file
+    from mace_mf.evaluation.inference import evaluate_model_file
 
     model = run / "models" / f"{high}.model"
     if not model.is_file():
@@ -146,8 +146,8 @@ def true_valid_rmse(run: Path, high: str, valid: str | list[str], energy_key: st
 
 def cost_table(folders: dict[str, list[Path]], high: str, truth: dict[str, float]) -> list[dict[str, float]]:
     """For subsets of the pairs: how often the decision is right, and resolved."""
-    from mace_mf.bench import RESOLVED, TIE, pair_squared_errors
-    from mace_mf.pairs import paired_preference
+    from mace_mf.evaluation.pairs import paired_preference
+    from mace_mf.workflows.bench import RESOLVED, TIE, pair_squared_errors
 
     squared, weights = {}, None
     for arm, paths in folders.items():
@@ -188,8 +188,8 @@ def cost_table(folders: dict[str, list[Path]], high: str, truth: dict[str, float
 
 
 def run_dataset(ds: Dataset, args: argparse.Namespace) -> dict:
-    from mace_mf.bench import run_benchmark
-    from mace_mf.recipe import load_recipe
+    from mace_mf.config.loading import load_recipe
+    from mace_mf.workflows.bench import run_benchmark
 
     if not ds.needs.is_file():
         hint = " (run scripts/make_ethanol_mf.py)" if ds.name == "ethanol" else ""

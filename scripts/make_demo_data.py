@@ -46,7 +46,7 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from pyscf import dft, gto, lib
 from scipy.spatial.transform import Rotation
 
-from mace_mf.calculators import tblite_calculator
+from mace_mf.labels.calculators import tblite_calculator
 
 LOG = logging.getLogger("make_demo_data")
 

@@ -3,7 +3,7 @@
 The seed paper (Messerly et al., MLST 2025) trains on low-level DFT energies and forces and
 high-level energies on the same geometries, and scores the high head on high-level forces that were
 never trained on. This script makes such a set from scratch, with ``mace-mf label`` (the labelling
-engine of :mod:`mace_mf.labelling`, resumable) and PySCF:
+engine of :mod:`mace_mf.labels.labelling`, resumable) and PySCF:
 
 * geometries: 24 C/H/N/O molecules of ASE's g2 collection with 3-7 atoms (closed shells and three
   radicals, several absent from the demo foundation's pretraining set), sampled by GFN2-xTB Langevin
@@ -12,7 +12,7 @@ engine of :mod:`mace_mf.labelling`, resumable) and PySCF:
   ``scripts/make_demo_data.py``, another random stream);
 * a ladder of four levels on every geometry, energies and forces each:
   ``xtb`` GFN2-xTB (tblite), ``svp`` PBE0/def2-SVP, ``tzvp`` PBE0/def2-TZVP, ``qzvp`` PBE0/def2-QZVP
-  (density-fitted RKS/UKS, grid level 3, SCF to 1e-10 Ha; ``mace_mf.pyscf_calculator``). A recipe
+  (density-fitted RKS/UKS, grid level 3, SCF to 1e-10 Ha; ``mace_mf.labels.pyscf_calculator``). A recipe
   picks its low and high level from the ladder (``recipes/seed_regime.yaml``: ``tzvp`` forces and
   ``qzvp`` energies, a basis-set step up); high-level forces on the training geometries exist only
   for the oracle arm of ``mace-mf bench``, and are scored, never trained on, by every other arm;
@@ -44,9 +44,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_demo_data import SamplingOptions, per_molecule_counts, sample_molecule, to_atoms
 
-from mace_mf.calculators import parse_calculator_spec
 from mace_mf.files import atomic_write_text
-from mace_mf.labelling import label_file
+from mace_mf.labels.calculators import parse_calculator_spec
+from mace_mf.labels.labelling import label_file
 
 LOG = logging.getLogger("make_seed_regime_data")
 

@@ -12,7 +12,7 @@ import time
 from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.morse import MorsePotential
 
-from mace_mf.calculators import tblite_calculator
+from mace_mf.labels.calculators import tblite_calculator
 
 
 class SlowGFN2(Calculator):

@@ -20,7 +20,7 @@ from ase.calculators.morse import MorsePotential
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 DEMO = ROOT / "demo"
-# The recipe contract of issue 2, verbatim (paths relative to the repository root).
+# The README's "Running your own" recipe, verbatim (paths relative to the repository root).
 CONTRACT = """
 name: pyseqm-mf
 seed: 0
@@ -136,3 +136,10 @@ def write_recipe(path: Path, foundation: Path, files: dict[str, Path], **trainin
     }
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def fidelity_model(foundation: torch.nn.Module, fidelities: list[str], head: str | None = None) -> torch.nn.Module:
+    """One head per fidelity, each an exact copy of the foundation's ``head`` (its first by default)."""
+    from mace_mf.model.heads import extract_head, head_names, replicate_head
+
+    return replicate_head(extract_head(foundation, head or head_names(foundation)[0]), fidelities)

@@ -26,7 +26,7 @@ import pytest
 import torch
 import yaml
 from ase import Atoms
-from support import ROOT, build_tiny_mace, label, sample_molecules, write_recipe
+from support import ROOT, build_tiny_mace, fidelity_model, label, sample_molecules, write_recipe
 
 from mace_mf.cli import main
 
@@ -80,10 +80,9 @@ class Workspace:
         return self.train("--set", f"foundation.model={path}")
 
     def multihead(self) -> Path:
-        from mace_mf.heads import build_fidelity_model
 
         path = self.tmp / "two_heads.model"
-        torch.save(build_fidelity_model(build_tiny_mace(), "Default", ["pbe", "ccsdt"]), path)
+        torch.save(fidelity_model(build_tiny_mace(), ["pbe", "ccsdt"]), path)
         return path
 
     def fake_run(self) -> Path:
@@ -211,7 +210,7 @@ def _pairs_not_from_displace(ws: Workspace) -> list[str]:
 
 
 def _pairs_half_missing(ws: Workspace) -> list[str]:
-    from mace_mf.pairs import make_pairs
+    from mace_mf.data.pairs import make_pairs
 
     pairs = make_pairs(ws.labelled(), 2, 0.01, seed=0)
     label(pairs, "hi", 1.0, 1.2, -50.0, forces=False)
@@ -691,7 +690,7 @@ def test_console_script_prints_only_the_line(case_id, workspace):
 
 def test_old_format_pickle_is_upgraded_in_memory_and_said_so(tmp_path, caplog):
     """A 2022-era pickle (float r_max, list atomic_numbers, no num_interactions) loads, with a warning."""
-    from mace_mf.foundation import load_foundation
+    from mace_mf.model.foundation import load_foundation
 
     old = build_tiny_mace()
     del old.r_max, old.atomic_numbers  # buffers now; 2022 pickles held plain Python values
@@ -711,7 +710,7 @@ def test_published_2022_pickle_is_upgraded_in_memory(caplog):
     """The real thing: SPICE-small as published in 2022, which stock MACECalculator cannot run."""
     from support import SHARED
 
-    from mace_mf.foundation import load_foundation
+    from mace_mf.model.foundation import load_foundation
 
     path = SHARED / "models" / "spice_small_2022_original.model"
     if not path.is_file():

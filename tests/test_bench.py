@@ -10,10 +10,10 @@ import pytest
 from support import write_recipe
 from test_run import stock_eval
 
-from mace_mf.bench import run_benchmark, standard_arms
+from mace_mf.config.loading import load_recipe
 from mace_mf.errors import RunError
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
+from mace_mf.workflows.bench import run_benchmark, standard_arms
+from mace_mf.workflows.run import train_run
 
 
 def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_file, two_fidelity_files):

@@ -9,32 +9,26 @@ import pytest
 import torch
 from ase.build import molecule
 from mace.calculators import MACECalculator
-from support import build_tiny_mace
+from support import build_tiny_mace, fidelity_model
 from test_heads import energies_and_forces, perturbed
 
-from mace_mf.coupling import HeadCoupling, coupling_penalty
-from mace_mf.heads import (
-    build_fidelity_model,
-    extract_head,
-    make_delta_head,
-    merge_heads,
-    readout_weights,
-)
-from mace_mf.loss import Weights, multi_fidelity_loss
+from mace_mf.model.coupling import HeadCoupling, coupling_penalty
+from mace_mf.model.heads import extract_head, make_delta_head, merge_heads, readout_weights
+from mace_mf.train.loss import Weights, multi_fidelity_loss
 
 FIDELITIES = ["lo", "hi", "top"]
 
 
 def delta_model(seed: int = 1) -> torch.nn.Module:
     """lo independent; hi = lo + Δ; top = hi + Δ' (a chain of two corrections), all trained-looking."""
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES), seed=seed)
+    model = perturbed(fidelity_model(build_tiny_mace(), FIDELITIES), seed=seed)
     make_delta_head(model, 1, 0)
     make_delta_head(model, 2, 1)
     return model
 
 
 def test_delta_head_starts_with_the_base_forces():
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES))
+    model = perturbed(fidelity_model(build_tiny_mace(), FIDELITIES))
     make_delta_head(model, 1, 0)
     atoms = molecule("CH3CHO")
     atoms.rattle(0.05, seed=2)
@@ -72,13 +66,13 @@ def test_delta_chain_folds_into_stock_files():
 
 
 def test_penalties_measure_what_they_say():
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES))
+    model = perturbed(fidelity_model(build_tiny_mace(), FIDELITIES))
     tied = [HeadCoupling(1, 0, "tied", 2.0)]
     expected = 2.0 * sum(
         (a - b).square().sum() for a, b in zip(readout_weights(model, 1), readout_weights(model, 0), strict=True)
     )
     assert coupling_penalty(model, tied).item() == pytest.approx(expected.item())
-    clean = build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES)
+    clean = fidelity_model(build_tiny_mace(), FIDELITIES)
     assert coupling_penalty(clean, tied).item() == 0.0  # identical copies: nothing to pull
     make_delta_head(clean, 1, 0)
     assert coupling_penalty(clean, [HeadCoupling(1, 0, "delta", 5.0)]).item() == 0.0  # Δ starts at zero

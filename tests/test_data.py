@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from support import label, sample_molecules
 
-from mace_mf.data import check_declared_keys, read_frames, split_off, subsample_labels
+from mace_mf.config.schema import FidelitySpec
+from mace_mf.data.read import check_declared_keys, read_frames
+from mace_mf.data.splits import split_off, subsample_labels
 from mace_mf.errors import DataError
-from mace_mf.recipe import FidelitySpec
 
 SPECS = {
     "lo": FidelitySpec(energy_key="lo_energy", forces_key="lo_forces"),

@@ -26,12 +26,13 @@ import yaml
 from mace.tools import AtomicNumberTable
 from support import ROOT, write_recipe
 
-from mace_mf.data import make_split, read_frames
-from mace_mf.distributed import Dist, local_batch_size, rank_batches
+from mace_mf.config.loading import load_recipe
+from mace_mf.data.graphs import make_split
+from mace_mf.data.read import read_frames
 from mace_mf.errors import RecipeError
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
-from mace_mf.train import Trainer
+from mace_mf.train.distributed import Dist, local_batch_size, rank_batches
+from mace_mf.train.trainer import Trainer
+from mace_mf.workflows.run import train_run
 
 TOLERANCE = 1e-11
 
@@ -80,7 +81,7 @@ def runs(tmp_path_factory, tiny_model_file, two_fidelity_files) -> tuple[Path, P
         if epoch == 0:
             (multi / "checkpoints").mkdir(parents=True)
             shutil.copy(path, multi / "checkpoints" / path.name)
-            shutil.copy(self.checkpoint_dir.parent / "recipe.resolved.yaml", multi)
+            shutil.copy(self.checkpoints.folder.parent / "recipe.resolved.yaml", multi)
             launched.append(torchrun("train", str(recipe_file), "--out", str(multi), "--resume"))
         return path
 

@@ -14,9 +14,9 @@ from ase.build import molecule
 from support import write_recipe
 
 from mace_mf.cli import main
-from mace_mf.heads import TORCHSCRIPT_ANNOTATION_WARNING, torchscript_quiet
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
+from mace_mf.config.loading import load_recipe
+from mace_mf.quiet import TORCHSCRIPT_ANNOTATION_WARNING, torchscript_quiet
+from mace_mf.workflows.run import train_run
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +89,10 @@ def test_export_command_writes_lammps_files_on_request(run, tmp_path):
 
 
 def test_export_silences_exactly_torchscripts_annotation_warning(run, tmp_path):
-    from mace_mf.export import export_models
-    from mace_mf.inference import load_model_file
+    from mace_mf.model.export import export_models
+    from mace_mf.model.foundation import load_model_file
 
-    model = load_model_file(run)
+    model, _ = load_model_file(run)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         export_models(model, ["hi"], tmp_path / "models", multihead=True, torchscript=True, lammps=True)

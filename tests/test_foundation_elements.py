@@ -9,10 +9,10 @@ import torch
 from support import label, sample_molecules, tiny_scale_shift_mace, write_recipe
 from test_run import stock_eval
 
-from mace_mf.foundation import keep_elements, load_foundation
-from mace_mf.heads import extract_head
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
+from mace_mf.config.loading import load_recipe
+from mace_mf.model.foundation import keep_elements, load_foundation
+from mace_mf.model.heads import extract_head
+from mace_mf.workflows.run import train_run
 
 
 def without_nitrogen(n: int, seed: int) -> list:

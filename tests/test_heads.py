@@ -10,12 +10,14 @@ import torch
 from ase.build import molecule
 from mace.calculators import MACECalculator
 from mace.tools import AtomicNumberTable
-from support import SHARED, build_tiny_mace
+from support import SHARED, build_tiny_mace, fidelity_model
 
-from mace_mf.data import Labels, batch_dict, to_graph
-from mace_mf.foundation import load_foundation
-from mace_mf.heads import build_fidelity_model, extract_head, fidelity_energies, fidelity_forces, fit_e0s, head_names
-from mace_mf.loss import Weights, multi_fidelity_loss
+from mace_mf.data.graphs import batch_dict, to_graph
+from mace_mf.data.read import Labels
+from mace_mf.model.forward import fidelity_energies, fidelity_forces
+from mace_mf.model.foundation import load_foundation
+from mace_mf.model.heads import extract_head, fit_e0s, head_names
+from mace_mf.train.loss import Weights, multi_fidelity_loss
 
 FIDELITIES = ["lo", "mid", "hi"]
 
@@ -88,7 +90,7 @@ def test_every_head_starts_as_the_foundation(name):
     atoms.calc = ref
     e_ref, f_ref = atoms.get_potential_energy(), atoms.get_forces()
     start = head_names(foundation)[0]
-    model = build_fidelity_model(foundation, start, FIDELITIES)
+    model = fidelity_model(foundation, FIDELITIES, start)
     energies, forces = energies_and_forces(model, atoms, [0, 1, 2])
     for h in range(3):
         assert energies[h] == pytest.approx(e_ref, abs=1e-8)
@@ -99,7 +101,7 @@ def test_every_head_starts_as_the_foundation(name):
 
 
 def test_shared_forward_equals_stock_forward_per_head():
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES))
+    model = perturbed(fidelity_model(build_tiny_mace(), FIDELITIES))
     atoms = molecule("CH3OH")
     atoms.rattle(0.05, seed=2)
     energies, forces = energies_and_forces(model, atoms, [0, 1, 2])
@@ -112,7 +114,7 @@ def test_shared_forward_equals_stock_forward_per_head():
 
 
 def test_extracted_single_head_reproduces_its_head():
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", FIDELITIES))
+    model = perturbed(fidelity_model(build_tiny_mace(), FIDELITIES))
     atoms = molecule("C2H6")
     atoms.rattle(0.05, seed=4)
     energies, forces = energies_and_forces(model, atoms, [0, 1, 2])
@@ -132,7 +134,7 @@ def batch_energies(model, frames, heads):
 
 
 def test_forces_are_minus_the_energy_gradient():
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"]))
+    model = perturbed(fidelity_model(build_tiny_mace(), ["a", "b"]))
     atoms = molecule("CH3CHO")
     atoms.rattle(0.05, seed=5)
     _, forces = energies_and_forces(model, atoms, [0, 1])
@@ -151,7 +153,7 @@ def test_forces_are_minus_the_energy_gradient():
 
 
 def test_energies_invariant_and_forces_equivariant_under_rigid_motions():
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"]))
+    model = perturbed(fidelity_model(build_tiny_mace(), ["a", "b"]))
     atoms = molecule("CH3OH")
     atoms.rattle(0.05, seed=6)
     e0, f0 = energies_and_forces(model, atoms, [0, 1])
@@ -166,7 +168,7 @@ def test_energies_invariant_and_forces_equivariant_under_rigid_motions():
 
 
 def test_permuting_atoms_permutes_forces_and_keeps_energy():
-    model = perturbed(build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"]))
+    model = perturbed(fidelity_model(build_tiny_mace(), ["a", "b"]))
     atoms = molecule("HCOOH")
     atoms.rattle(0.05, seed=7)
     order = np.random.default_rng(0).permutation(len(atoms))
@@ -191,7 +193,7 @@ def test_a_fidelity_without_force_labels_gets_no_force_gradient():
     """Masking: forces of a head whose labels are absent contribute exactly zero gradient."""
     from mace.tools.torch_geometric import Batch
 
-    model = build_fidelity_model(build_tiny_mace(), "Default", ["a", "b"])
+    model = fidelity_model(build_tiny_mace(), ["a", "b"])
     z_table = AtomicNumberTable([1, 6, 7, 8])
     atoms = molecule("CH4")
     atoms.rattle(0.05, seed=8)

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 import yaml
-from support import ROOT, write_recipe
+from support import ROOT, fidelity_model, write_recipe
 
 from mace_mf.cli import main
 from mace_mf.errors import RunError
@@ -102,16 +102,15 @@ def test_sigkill_mid_epoch_then_resume_equals_the_uninterrupted_run(recipe_file,
 
 def test_nan_loss_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(recipe_file, tmp_path):
     """A label that turns NaN after epoch 0 (as a diverging model would) stops epoch 1 at its batch."""
-    from mace_mf.foundation import load_foundation
-    from mace_mf.heads import build_fidelity_model
-    from mace_mf.recipe import load_recipe
-    from mace_mf.run import load_splits
-    from mace_mf.train import Trainer
+    from mace_mf.config.loading import load_recipe
+    from mace_mf.data.splits import load_splits
+    from mace_mf.model.foundation import load_foundation
+    from mace_mf.train.trainer import Trainer
 
     recipe = load_recipe(recipe_file)
     foundation, info = load_foundation(recipe.foundation.model, None, torch.float64)
     splits = load_splits(recipe, info, torch.float64)
-    model = build_fidelity_model(foundation, info.head, list(recipe.fidelities))
+    model = fidelity_model(foundation, list(recipe.fidelities), info.head)
     poisoned = 7
 
     def poison(record):

@@ -19,10 +19,11 @@ from ase.calculators.morse import MorsePotential
 from ase.calculators.singlepoint import SinglePointCalculator
 from support import ROOT
 
-from mace_mf.calculators import charge_and_multiplicity, parse_calc_kwargs, parse_calculator_spec
 from mace_mf.cli import main
 from mace_mf.errors import LabelError
-from mace_mf.labelling import failures_path, label_file, label_recipe_data, partial_path
+from mace_mf.labels.calculators import parse_calc_kwargs, parse_calculator_spec
+from mace_mf.labels.charge import charge_and_multiplicity
+from mace_mf.labels.labelling import failures_path, label_file, label_recipe_data, partial_path
 
 pytest.importorskip("tblite")
 from tblite.ase import TBLite
@@ -252,8 +253,8 @@ def test_a_recipe_labels_its_data_on_the_fly_trains_and_reuses_the_cache(
     import yaml
     from support import write_recipe
 
-    from mace_mf.recipe import load_recipe
-    from mace_mf.run import train_run
+    from mace_mf.config.loading import load_recipe
+    from mace_mf.workflows.run import train_run
 
     path = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=1)
     tree = yaml.safe_load(path.read_text())
@@ -288,8 +289,8 @@ def test_foundation_labels_name_the_recipes_own_foundation_file(tmp_path, tiny_m
     import yaml
     from support import write_recipe
 
-    from mace_mf.labelling import resolve_label_calculator
-    from mace_mf.recipe import load_recipe
+    from mace_mf.config.loading import load_recipe
+    from mace_mf.labels.labelling import resolve_label_calculator
 
     path = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files)
     recipe = load_recipe(path)

@@ -14,7 +14,8 @@ from ase.calculators.lj import LennardJones
 from support import DEMO
 
 from mace_mf.cli import main
-from mace_mf.md_check import MDCheckOptions, bonded_pairs, run_structure
+from mace_mf.config.schema import MDOptions
+from mace_mf.evaluation.md_check import bonded_pairs, run_structure
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +63,8 @@ def test_too_large_a_time_step_shows_as_energy_drift(water):
 
     calc = MACECalculator(model_paths=str(DEMO / "foundation.model"), device="cpu", default_dtype="float64")
     atoms = ase.io.read(water)
-    gentle = run_structure(atoms, calc, 5.0, MDCheckOptions(steps=40, dt_fs=0.25), 0)
-    rough = run_structure(atoms, calc, 5.0, MDCheckOptions(steps=40, dt_fs=4.0), 0)
+    gentle = run_structure(atoms, calc, 5.0, MDOptions(steps=40, dt_fs=0.25), 0)
+    rough = run_structure(atoms, calc, 5.0, MDOptions(steps=40, dt_fs=4.0), 0)
     assert rough.max_energy_change_eV_atom > 10 * gentle.max_energy_change_eV_atom
 
 
@@ -71,8 +72,8 @@ def test_too_large_a_time_step_shows_as_energy_drift(water):
 def test_atoms_leaving_the_cutoff_or_colliding_are_reported(seed, reason):
     """A nearly non-interacting hot pair: depending on its velocities it separates or collides."""
     pair = Atoms("H2", positions=[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
-    options = MDCheckOptions(steps=200, dt_fs=1.0, temperature_K=3000.0, seed=seed)
-    result = run_structure(pair, LennardJones(sigma=0.5, epsilon=1e-4, rc=10.0), 1.5, options, 0)
+    options = MDOptions(steps=200, dt_fs=1.0, temperature_K=3000.0)
+    result = run_structure(pair, LennardJones(sigma=0.5, epsilon=1e-4, rc=10.0), 1.5, options, 0, seed)
     assert not result.passed and result.steps_run < 200
     assert any(reason in r for r in result.reasons), result.reasons
     assert (result.flown_apart == [0, 1]) == (seed == 0)

@@ -10,12 +10,13 @@ import pytest
 from ase.calculators.morse import MorsePotential
 from support import label, sample_molecules, write_recipe
 
-from mace_mf.bench import run_benchmark
 from mace_mf.cli import main
-from mace_mf.pairs import PAIR_DIRECTION, make_pairs, read_pairs
-from mace_mf.recipe import FidelitySpec, load_recipe
-from mace_mf.run import train_run
-from mace_mf.sweep import pairs_fallback, trial_metric
+from mace_mf.config.loading import load_recipe
+from mace_mf.config.schema import FidelitySpec
+from mace_mf.data.pairs import PAIR_DIRECTION, make_pairs, read_pairs
+from mace_mf.workflows.bench import run_benchmark
+from mace_mf.workflows.run import train_run
+from mace_mf.workflows.sweep import pairs_fallback, trial_metric
 
 HI = {"hi": FidelitySpec(energy_key="hi_energy", forces_key=None)}
 

@@ -26,10 +26,12 @@ from ase.build import molecule
 from mace.tools import AtomicNumberTable
 from support import tiny_scale_shift_mace, write_recipe
 
-from mace_mf.data import Labels, batch_dict, to_graph
-from mace_mf.heads import fidelity_energies, fidelity_forces, head_names
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
+from mace_mf.config.loading import load_recipe
+from mace_mf.data.graphs import batch_dict, to_graph
+from mace_mf.data.read import Labels
+from mace_mf.model.forward import fidelity_energies, fidelity_forces
+from mace_mf.model.heads import head_names
+from mace_mf.workflows.run import train_run
 
 HEAD = "hi"
 

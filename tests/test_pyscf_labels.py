@@ -8,9 +8,9 @@ import pytest
 from ase import Atoms, units
 from ase.build import molecule
 
-from mace_mf.calculators import parse_calculator_spec
 from mace_mf.cli import main
-from mace_mf.labelling import label_file
+from mace_mf.labels.calculators import parse_calculator_spec
+from mace_mf.labels.labelling import label_file
 
 pytest.importorskip("pyscf")
 
@@ -65,7 +65,7 @@ def test_labels_equal_pyscf_called_directly_with_charge_and_spin_from_atoms_info
 
 @pytest.mark.parametrize("level", ["mp2/sto-3g", "pbe0/sto-3g"])
 def test_forces_are_central_differences_of_the_energy(level):
-    from mace_mf.pyscf_calculator import PySCF
+    from mace_mf.labels.pyscf_calculator import PySCF
 
     atoms = molecule("CH3OH")
     atoms.rattle(0.05, seed=1)

@@ -8,8 +8,10 @@ import pytest
 import yaml
 from support import CONTRACT
 
+from mace_mf.config.loading import dump_recipe, load_recipe
+from mace_mf.config.messages import reference_markdown
+from mace_mf.config.schema import TIED_STRENGTH, Recipe
 from mace_mf.errors import RecipeError
-from mace_mf.recipe import TIED_STRENGTH, Recipe, dump_recipe, load_recipe, reference_markdown
 
 
 def write(tmp_path: Path, text: str) -> Path:

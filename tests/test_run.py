@@ -12,8 +12,8 @@ import torch
 from support import write_recipe
 
 from mace_mf.cli import main
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
+from mace_mf.config.loading import load_recipe
+from mace_mf.workflows.run import train_run
 
 STOCK_EVAL = textwrap.dedent(
     """
@@ -117,7 +117,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=3))
     reference = train_run(recipe, tmp_path / "reference")
 
-    from mace_mf import train as train_module
+    from mace_mf.train import trainer as train_module
 
     original = train_module.Trainer.save_checkpoint
 

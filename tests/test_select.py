@@ -12,10 +12,10 @@ from scipy.spatial.transform import Rotation
 from support import build_tiny_mace, label, sample_molecules, write_recipe
 
 from mace_mf.cli import main
-from mace_mf.foundation import load_foundation
-from mace_mf.recipe import load_recipe
-from mace_mf.run import select_frames
-from mace_mf.select import budget_count, cluster_centres, descriptors, farthest_points, select
+from mace_mf.config.loading import load_recipe
+from mace_mf.data.selection import budget_count, cluster_centres, descriptors, farthest_points, select
+from mace_mf.data.splits import select_frames
+from mace_mf.model.foundation import load_foundation
 
 
 def test_farthest_points_cover_every_cluster_before_repeating_one():
@@ -114,7 +114,7 @@ def test_recipe_keeps_high_labels_exactly_where_select_would_put_them(tmp_path, 
 
 
 def test_chosen_compositions_resolve_every_reference_energy():
-    from mace_mf.select import cover_compositions
+    from mace_mf.data.selection import cover_compositions
 
     # H, C, N, O counts: H2O2, N2O, H2O2 again, HCO, CH3NO2 (a method ranked them in this order)
     counts = np.array([[2, 0, 0, 2], [0, 0, 2, 1], [2, 0, 0, 2], [1, 1, 0, 1], [3, 1, 1, 2]], dtype=float)
@@ -131,7 +131,7 @@ def test_a_head_with_few_energies_keeps_its_base_levels_reference_energies(
 ):
     """One hi energy (one composition) resolves one direction of the E0s; the others stay at lo's
     fitted E0s, not at the foundation's (which a real high level can be hundreds of eV away from)."""
-    from mace_mf.run import train_run
+    from mace_mf.workflows.run import train_run
 
     recipe_file = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=0)
     out = train_run(load_recipe(recipe_file, ["fidelities.hi.label_fraction=0.04"]), tmp_path / "run")

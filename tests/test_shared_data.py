@@ -14,8 +14,8 @@ import torch
 import yaml
 from support import CONTRACT, SHARED
 
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
+from mace_mf.config.loading import load_recipe
+from mace_mf.workflows.run import train_run
 
 FOUNDATION = SHARED / "models" / "spice_small_2022.model"
 DATA = SHARED / "data" / "pyseqm_chno"

@@ -13,9 +13,9 @@ from support import ROOT, write_recipe
 from wandb_records import of_type, read_records, run_config, summary_of
 
 from mace_mf.cli import main
+from mace_mf.config.loading import load_recipe
 from mace_mf.errors import RecipeError
-from mace_mf.recipe import load_recipe
-from mace_mf.sweep import SweepRun, agent_trial, load_sweep, plan, ranked, run_sweep
+from mace_mf.workflows.sweep import SweepRun, agent_trial, load_sweep, plan, ranked, run_sweep
 
 
 def sweep_file(path, text):
@@ -133,7 +133,7 @@ def python_ctrl_c():
 
 def ctrl_c_during_export(monkeypatch, at_call):
     """Press Ctrl-C (SIGINT to this process) while the ``at_call``-th run exports its models."""
-    from mace_mf import run as run_module
+    from mace_mf.workflows import run as run_module
 
     original = run_module.export_models
     calls = []
@@ -241,7 +241,7 @@ def test_a_trial_from_the_wandb_agent_takes_its_run_id_and_parameters(tmp_path, 
 
 def test_a_sweep_started_with_ctrl_c_ignored_keeps_ignoring_it():
     """``nohup mace-mf sweep ...`` (SIGINT ignored at start) must not be stoppable by a stray Ctrl-C."""
-    from mace_mf.sweep import StopAfterTrial
+    from mace_mf.workflows.sweep import StopAfterTrial
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

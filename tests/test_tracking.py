@@ -17,9 +17,9 @@ from support import ROOT, write_recipe
 from wandb_records import history_rows, of_type, read_records, run_config, summary_of
 
 from mace_mf.cli import main
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
-from mace_mf.tracking import FLUSH_INTERVAL_S, effective_mode, flatten_epoch
+from mace_mf.config.loading import load_recipe
+from mace_mf.train.tracking import FLUSH_INTERVAL_S, effective_mode, flatten_epoch
+from mace_mf.workflows.run import train_run
 
 
 def nested(row, prefix):
@@ -46,7 +46,7 @@ def test_offline_run_resumes_with_its_id_and_logs_metrics_media_and_model_artifa
     recipe = load_recipe(recipe_file, ["wandb.mode=online", "wandb.tags=[test]", "wandb.group=g"])
     out = tmp_path / "out"
 
-    from mace_mf import train as train_module
+    from mace_mf.train import trainer as train_module
 
     original = train_module.Trainer.save_checkpoint
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from support import build_tiny_mace, write_recipe
 
+from mace_mf.config.loading import load_recipe
 from mace_mf.errors import FoundationError, RecipeError
-from mace_mf.heads import replicate_head
-from mace_mf.recipe import load_recipe
-from mace_mf.run import train_run
+from mace_mf.model.heads import replicate_head
+from mace_mf.workflows.run import train_run
 
 
 def run(tmp_path, foundation, files, *overrides, epochs=1):

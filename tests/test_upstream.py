@@ -11,8 +11,8 @@ import pytest
 from support import write_recipe
 from test_run import stock_eval
 
-from mace_mf.bench import run_benchmark
-from mace_mf.upstream import parse_timings
+from mace_mf.workflows.bench import run_benchmark
+from mace_mf.workflows.upstream import parse_timings
 
 
 def _logged_valid_errors(log_text: str, epoch: int) -> dict[str, tuple[float, str]]:

@@ -1,0 +1,2 @@
+"""Judging a model: predictions, error metrics per split and fidelity, displacement-pair scores,
+plots, evaluating any model file on any data, and the MD stability check."""

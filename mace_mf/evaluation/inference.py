@@ -1,0 +1,67 @@
+"""Evaluating stock MACE model files (ours or anyone's) on labelled data.
+
+A run folder stands for its ``models/multihead.model`` and its recipe's label keys; a bare model
+file needs the keys, given as templates with ``{head}`` (``{head}_energy`` by default).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from mace.tools import AtomicNumberTable
+
+from mace_mf.config.schema import FidelitySpec
+from mace_mf.data.graphs import make_split
+from mace_mf.data.pairs import read_pairs
+from mace_mf.data.read import read_frames
+from mace_mf.errors import DataError
+from mace_mf.evaluation.metrics import compute_metrics
+from mace_mf.evaluation.pairs import score_pairs
+from mace_mf.evaluation.predict import predict
+from mace_mf.model.foundation import check_elements, load_model_file
+from mace_mf.model.heads import head_names
+from mace_mf.run_folder import RunFolder
+
+
+def _specs_from_run(run: Path) -> dict[str, FidelitySpec] | None:
+    resolved = RunFolder(run).resolved_recipe
+    if not run.is_dir() or not resolved.is_file():
+        return None
+    tree = yaml.safe_load(resolved.read_text())
+    return {name: FidelitySpec.model_validate(spec) for name, spec in tree["fidelities"].items()}
+
+
+def evaluate_model_file(
+    model_or_run: Path,
+    data: list[str],
+    heads: list[str] | None,
+    energy_key: str,
+    forces_key: str,
+    batch_size: int,
+    pairs: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Metrics per head of a model file on the given data files (and displacement pairs)."""
+    model, info = load_model_file(model_or_run, torch.float64)
+    names = head_names(model)
+    chosen = heads or names
+    for name in chosen:
+        if name not in names:
+            raise DataError(f"--head {name!r}: not a head of {model_or_run} (heads: {names})")
+    run_specs = _specs_from_run(model_or_run)
+    specs = {
+        name: (run_specs or {}).get(name)
+        or FidelitySpec(energy_key=energy_key.format(head=name), forces_key=forces_key.format(head=name))
+        for name in chosen
+    }
+    frames = read_frames(data, specs, None)
+    check_elements(info, {int(z) for f in frames for z in f.atoms.numbers}, ", ".join(data))
+    z_table = AtomicNumberTable(list(info.atomic_numbers))
+    split = make_split("data", frames, chosen, z_table, info.r_max, torch.float64)
+    columns = [names.index(n) for n in chosen]
+    metrics = compute_metrics(split, predict(model, split, columns, batch_size, torch.device("cpu")))
+    if pairs:
+        score_pairs(model, read_pairs(pairs, specs, None), columns, chosen, metrics, torch.device("cpu"), batch_size)
+    return metrics

@@ -1,0 +1,97 @@
+"""Plots of a run: parity of each fidelity on a split, and the learning curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mace_mf.data.graphs import Split
+from mace_mf.evaluation.predict import Predictions
+
+
+def parity_plot(split: Split, pred: Predictions, fidelity: int, path: Path) -> bool:
+    """Energy and force parity plots of one fidelity on one split; False if it has no labels."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    natoms = np.array([len(a) for a in split.atoms], dtype=float)
+    sel = split.energy_mask()[:, fidelity]
+    forces = [
+        (p, g.mf_forces[:, fidelity].double().numpy())
+        for p, g in zip(pred.forces[fidelity], split.graphs, strict=True)
+        if p is not None
+    ]
+    if not sel.any() and not forces:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
+    name = split.fidelities[fidelity]
+    if sel.any():
+        # Total energies are dominated by composition; remove a per-element linear baseline fitted
+        # to the reference (the same for both axes) so the plot shows what the model has to learn.
+        counts = np.array([np.bincount(a.numbers, minlength=119) for a in split.atoms], dtype=float)[sel]
+        ref_total = split.energies()[sel, fidelity]
+        baseline = counts @ np.linalg.lstsq(counts, ref_total, rcond=None)[0]
+        ref = (ref_total - baseline) / natoms[sel]
+        out = (pred.energies[sel, fidelity] - baseline) / natoms[sel]
+        _parity(axes[0], ref, out, "energy − composition baseline (eV/atom)", (out - ref) * 1000.0, "meV/atom")
+    else:
+        axes[0].set_axis_off()
+    if forces:
+        out = np.concatenate([p.ravel() for p, _ in forces])
+        ref = np.concatenate([r.ravel() for _, r in forces])
+        _parity(axes[1], ref, out, "force component (eV/Å)", (out - ref) * 1000.0, "meV/Å")
+    else:
+        axes[1].set_axis_off()
+    fig.suptitle(f"{name} — {split.name} ({len(split)} configurations)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _parity(ax, ref: np.ndarray, out: np.ndarray, label: str, err: np.ndarray, unit: str) -> None:
+    lo, hi = float(min(ref.min(), out.min())), float(max(ref.max(), out.max()))
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=1)
+    ax.scatter(ref, out, s=4, alpha=0.5)
+    ax.set_xlabel(f"reference {label}")
+    ax.set_ylabel(f"predicted {label}")
+    rmse = float(np.sqrt((err**2).mean()))
+    mae = float(np.abs(err).mean())
+    ax.text(0.04, 0.94, f"RMSE {rmse:.1f} {unit}\nMAE {mae:.1f} {unit}", transform=ax.transAxes, va="top")
+
+
+def curve_plot(epochs: list[dict[str, Any]], best_epoch: int, fidelities: list[str], path: Path) -> bool:
+    """Validation errors of every fidelity per epoch (history records); False when there were none."""
+    if not epochs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    numbers = [r["epoch"] for r in epochs]
+    for name in fidelities:
+        for ax, key in zip(axes, ("e_rmse_meV_atom", "f_rmse_meV_A"), strict=True):
+            values = [r["valid"][name][key] for r in epochs]
+            if all(v is not None for v in values):
+                ax.plot(numbers, values, marker="o", ms=3, label=name)
+    for ax, title in zip(axes, ("valid energy RMSE (meV/atom)", "valid force RMSE (meV/Å)"), strict=True):
+        ax.set_xlabel("epoch")
+        ax.set_title(title)
+        ax.set_yscale("log")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    if best_epoch >= 0:
+        for ax in axes:
+            ax.axvline(best_epoch, color="0.6", ls="--", lw=1)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,557 @@
+"""Does multi-fidelity pay on this data? Train the comparison arms and score them side by side.
+
+Every arm is the user's recipe plus ``--set`` overrides, so the arms differ only in what the issue
+says they differ in (which labels are trained on, how heads are coupled) and share the foundation,
+epochs, batch size and evaluation. The high fidelity's *forces* are never trained on except in the
+``sf-high-ef`` oracle; where the validation/test files carry them, they score every arm.
+
+closure = (F_RMSE(sf-high-e) − F_RMSE(arm)) / (F_RMSE(sf-high-e) − F_RMSE(sf-high-ef)): the share of
+the benefit of high-level forces that an arm recovers without them (1 = as good as the oracle,
+0 = no better than energies alone, < 0 = worse than energies alone).
+
+Where validation/test configurations carry both levels' forces, the benchmark also scores the
+low-level *labels* as if they were a model of the high level (``label_gap``). A model whose high
+head only inherits the low level's forces cannot do better than that, so it bounds what coupling
+alone can recover; anything beyond it must come from the high-level energies.
+
+Without high-level forces in the validation data (the user's real case: CCSD(T) energies only), the
+decision rests on displacement pairs (``data.valid_pairs``, mace_mf.data.pairs): each arm's directional
+force ``F·u`` against the high level's finite difference of two energies. :func:`decide` picks the arm
+with the lowest validation error (forces where they exist, else the pairs; never the oracle, which
+needs the forces the user lacks) and says, from a paired bootstrap over the pairs, whether the
+pairs resolve it from the runner-up, and how many high-level energies that rests on.
+
+Runs live in ``<out>/<arm>/seed<k>[/frac<f>]``; a finished run (``run.json`` status complete) is
+never rerun, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mace_mf.config.loading import load_recipe
+from mace_mf.config.schema import Recipe
+from mace_mf.data.read import read_frames
+from mace_mf.errors import RecipeError, RunError
+from mace_mf.evaluation.pairs import paired_preference, weighted_rmse
+from mace_mf.files import atomic_write_text
+from mace_mf.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+RESOLVED = 0.95  # share of bootstrap resamples of the pairs that must prefer the chosen arm
+TIE = 1.05  # a 90 % bootstrap interval of the RMSE ratio inside [1/TIE, TIE]: the two arms are equal
+# Arms that are not a recipe for the high level: the oracle needs the high-level forces the user lacks;
+# the low head and the zero-shot foundation never see a high-level label (their high-level energies
+# are the low level's, or the foundation's, with refitted E0s). They are scored, never recommended.
+NOT_RECIPES = ("sf-high-ef", "sf-low", "zero-shot")
+SCORED = ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A", "fd_rmse_meV_A", "n_pairs")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training, as recipe overrides; ``fraction`` keeps high-level energies on a subset."""
+
+    name: str
+    overrides: tuple[str, ...]
+    description: str
+    runner: str = "mace_mf"  # or "mace_run_train": upstream mace-torch (mace_mf.workflows.upstream)
+
+
+def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
+    """The arms of the seed paper's comparison, one per coupling option (docs/benchmarks.md,
+    "Fidelity coupling"; the schedule and embedding options on top of the recipe's own coupling), and
+    upstream's own multi-head fine-tuning (``mace-mh``: the recipe as written, run by ``mace_run_train``)."""
+    lo, hi = f"fidelities.{low}", f"fidelities.{high}"
+    w_f = recipe.fidelities[low].forces_weight or 10.0
+    off_low = (f"{lo}.energy_weight=0", f"{lo}.forces_weight=0", f"{hi}.base=null", f"{hi}.coupling=independent")
+    no_prior = (f"{hi}.base_forces_weight=0", f"{hi}.coupling_strength=0")
+    arms = [
+        Arm("zero-shot", ("training.epochs=0",), "foundation with per-fidelity E0 refit only"),
+        Arm("sf-high-e", (*off_low, *no_prior, f"{hi}.forces_weight=0"), f"{high} energies only"),
+        Arm("sf-high-ef", (*off_low, *no_prior, f"{hi}.forces_weight={w_f}"), f"{high} energies + forces (oracle)"),
+        Arm(
+            "sf-low",
+            (f"{hi}.energy_weight=0", f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=delta", *no_prior),
+            f"{low} energies + forces only, scored against {high}",
+        ),
+        Arm("mf", (), "the recipe as written"),
+        Arm(
+            "mf-independent",
+            (f"{hi}.forces_weight=0", f"{hi}.base=null", f"{hi}.coupling=independent", *no_prior),
+            "independent heads (mace-torch multi-head fine-tuning)",
+        ),
+        Arm(
+            "mf-delta",
+            (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=delta", *no_prior),
+            f"{high} = {low} head + correction",
+        ),
+        Arm(
+            "mf-tied",
+            (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=tied", f"{hi}.coupling_strength=1.0"),
+            f"{high} readout tied to {low}'s (L2 1.0)",
+        ),
+        Arm(
+            "mf-prior",
+            (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=independent", f"{hi}.base_forces_weight=1.0"),
+            f"independent heads + {low} forces as a prior on {high} (weight 1)",
+        ),
+        Arm("mf-embedding", ("training.fidelity_embedding=true",), "the recipe + a fidelity embedding in the backbone"),
+        Arm("mf-normalised", ("training.normalise_weights=true",), "the recipe + loss weights over label variance"),
+        Arm("mf-warmup", ("training.freeze_backbone_epochs=1",), "the recipe + one heads-only warm-up epoch"),
+        Arm(
+            "mf-fps",
+            (f"{hi}.label_selection=fps",),
+            f"the recipe, {high} labels kept on geometries chosen by farthest-point sampling (at fractions < 1)",
+        ),
+        Arm(
+            "mf-kmeans",
+            (f"{hi}.label_selection=kmeans",),
+            f"the recipe, {high} labels kept on the geometries nearest k-means centres (at fractions < 1)",
+        ),
+        Arm(
+            "mf-disagreement",
+            (f"{hi}.label_selection=disagreement",),
+            f"the recipe, {high} labels kept where the foundation disagrees most with {low} (at fractions < 1)",
+        ),
+        Arm(
+            "mace-mh",
+            (),
+            "upstream mace_run_train multi-head fine-tuning: one head per fidelity, same data and weights",
+            runner="mace_run_train",
+        ),
+    ]
+    return {a.name: a for a in arms}
+
+
+def _fraction_tag(fraction: float) -> str:
+    return "" if fraction >= 1.0 else f"frac{fraction:g}"
+
+
+def run_dir(out: Path, arm: str, seed: int, fraction: float) -> Path:
+    path = out / arm / f"seed{seed}"
+    tag = _fraction_tag(fraction)
+    return path / tag if tag else path
+
+
+def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, out: Path, common: list[str]) -> Path:
+    """Train one arm (unless already complete with the same resolved recipe) and return its run folder."""
+    from mace_mf.workflows.run import train_run
+
+    path = run_dir(out, arm.name, seed, fraction)
+    overrides = [*common, *arm.overrides, f"seed={seed}"]
+    if fraction < 1.0:
+        overrides.append(f"fidelities.{high}.label_fraction={fraction}")
+    recipe = load_recipe(recipe_file, overrides)
+    if arm.runner != "mace_run_train":
+        recipe = recipe.model_copy(
+            update={"export": recipe.export.model_copy(update={"multihead": False, "torchscript": False})}
+        )
+    if RunFolder(path).complete():
+        _check_reused(path, recipe)
+        log.info("%s: complete, not rerun", path)
+        return path
+    if arm.runner == "mace_run_train":
+        from mace_mf.workflows.upstream import upstream_arm
+
+        log.info("%s: training with mace_run_train (%s)", path, arm.description)
+        return upstream_arm(recipe, path)
+    log.info("%s: training (%s)", path, arm.description)
+    train_run(recipe, path, recipe_file, resume=RunFolder(path).started(), overwrite=False)
+    return path
+
+
+def _check_reused(path: Path, recipe: Recipe) -> None:
+    """Refuse a finished arm trained with other settings (other --set options, an older default)."""
+    from mace_mf.workflows.run import changes_from_saved
+
+    if changes := changes_from_saved(path, recipe):
+        raise RunError(
+            f"{path}: finished with a different recipe ({changes}); pass the same "
+            "--set options, or use a new --out (or remove that folder) to rerun it"
+        )
+
+
+def _log_to_stderr(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s")
+
+
+def _run_jobs(
+    recipe_file: Path, jobs: list[tuple[Arm, int, float]], high: str, out: Path, common: list[str], workers: int
+) -> list[Path]:
+    """Run folders of ``jobs`` in order, trained one by one or ``workers`` at a time."""
+    if workers <= 1:
+        return [run_arm(recipe_file, arm, seed, fraction, high, out, common) for arm, seed, fraction in jobs]
+    # spawn, not fork: a forked child would inherit torch's thread pools and any open files mid-write.
+    context = multiprocessing.get_context("spawn")
+    level = logging.getLogger().getEffectiveLevel()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_log_to_stderr, initargs=(level,)) as pool:
+        futures = [pool.submit(run_arm, recipe_file, arm, seed, f, high, out, common) for arm, seed, f in jobs]
+        return [future.result() for future in futures]
+
+
+def _score(path: Path, high: str) -> dict[str, Any]:
+    folder = RunFolder(path)
+    metrics = folder.read_metrics()
+    entry: dict[str, Any] = {"wall_time_s": folder.read_record().get("wall_time_s")}
+    for split in ("valid", "test"):
+        if split in metrics:
+            m = metrics[split][high]
+            entry[split] = {k: m.get(k) for k in SCORED}
+    return entry
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), float(np.std(vals)) if len(vals) > 1 else 0.0
+
+
+def summarise(scores: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Mean ± std per arm key, plus closure against sf-high-e / sf-high-ef where both exist."""
+    summary: dict[str, dict[str, Any]] = {}
+    for key, runs in scores.items():
+        row: dict[str, Any] = {"n": len(runs)}
+        row["wall_time_s"], _ = _mean_std([r["wall_time_s"] for r in runs])
+        for split in ("valid", "test"):
+            for metric in ("f_rmse_meV_A", "f_mae_meV_A", "e_rmse_meV_atom", "fd_rmse_meV_A", "n_pairs"):
+                mean, std = _mean_std([r.get(split, {}).get(metric) for r in runs])
+                row[f"{split}/{metric}"] = mean
+                row[f"{split}/{metric}_std"] = std
+        summary[key] = row
+    for split in ("valid", "test"):
+        lo = summary.get("sf-high-e", {}).get(f"{split}/f_rmse_meV_A")
+        hi = summary.get("sf-high-ef", {}).get(f"{split}/f_rmse_meV_A")
+        for row in summary.values():
+            value = row.get(f"{split}/f_rmse_meV_A")
+            ok = None not in (lo, hi, value) and not math.isclose(lo, hi)
+            row[f"{split}/closure"] = (lo - value) / (lo - hi) if ok else None
+    return summary
+
+
+def label_gap(recipe: Recipe, low: str, high: str) -> dict[str, dict[str, float]]:
+    """Per split, the low-level force labels scored against the high-level ones (where both exist).
+
+    Labels computed on the fly (``fidelities.*.labels``) are read from the benchmark's shared label
+    cache, which the arms' runs have filled, so nothing is recomputed here.
+    """
+    from mace_mf.labels.labelling import label_recipe_data
+
+    cache = Path(recipe.data.label_cache) if recipe.data.label_cache else Path("label-cache")
+    data_recipe, _ = label_recipe_data(recipe, cache)
+    names = list(recipe.fidelities)
+    lo, hi = names.index(low), names.index(high)
+    gaps: dict[str, dict[str, float]] = {}
+    for split in ("valid", "test"):
+        paths = getattr(data_recipe.data, split)
+        if paths is None:
+            continue
+        frames = read_frames(paths, recipe.fidelities, recipe.data.format)
+        pairs = [(f.labels.forces[lo], f.labels.forces[hi]) for f in frames]
+        diffs = [a - b for a, b in pairs if a is not None and b is not None]
+        if diffs:
+            d = np.concatenate(diffs)
+            gaps[split] = {
+                "f_rmse_meV_A": float(np.sqrt(np.mean(d**2)) * 1000.0),
+                "f_mae_meV_A": float(np.mean(np.abs(d)) * 1000.0),
+                "configs": len(diffs),
+            }
+    return gaps
+
+
+def gap_line(gaps: dict[str, dict[str, float]], summary: dict[str, dict[str, Any]], low: str, high: str) -> str:
+    """The label gap and the closure the low-level labels themselves would score."""
+    parts = []
+    for split, gap in gaps.items():
+        lo = summary.get("sf-high-e", {}).get(f"{split}/f_rmse_meV_A")
+        hi = summary.get("sf-high-ef", {}).get(f"{split}/f_rmse_meV_A")
+        closure = ""
+        if lo is not None and hi is not None and not math.isclose(lo, hi):
+            closure = f", closure {(lo - gap['f_rmse_meV_A']) / (lo - hi):.2f}"
+        parts.append(f"{split} F RMSE {gap['f_rmse_meV_A']:.0f} meV/Å ({gap['configs']} configurations{closure})")
+    if not parts:
+        return ""
+    return (
+        f"{low} force labels scored as a model of {high}: " + "; ".join(parts) + ". A high head that only "
+        f"inherits {low} forces cannot beat this; the rest must come from the {high} energies."
+    )
+
+
+def _fmt(mean: float | None, std: float | None = None, digits: int = 0) -> str:
+    if mean is None:
+        return "–"
+    text = f"{mean:.{digits}f}"
+    return text + (f" ± {std:.{digits}f}" if std else "")
+
+
+def markdown_table(summary: dict[str, dict[str, Any]], high: str, arms: dict[str, Arm]) -> str:
+    """The results table: test figures (valid closure alongside), one row per arm and fraction."""
+    pairs = any(row.get("valid/fd_rmse_meV_A") is not None for row in summary.values())
+    pair_head = f" {high} F·u RMSE valid, pairs (meV/Å) |" if pairs else ""
+    lines = [
+        f"| arm | n | {high} F RMSE test (meV/Å) | {high} F MAE test | {high} E RMSE test (meV/atom) | "
+        f"closure test | closure valid |{pair_head} wall (s) |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if pairs else ""),
+    ]
+    for key, row in summary.items():
+        name = key.split("@")[0]
+        label = f"`{key}`" + (f" ({arms[name].description})" if name in arms else "")
+        pair_cell = f" {_fmt(row['valid/fd_rmse_meV_A'], row['valid/fd_rmse_meV_A_std'])} |" if pairs else ""
+        lines.append(
+            f"| {label} | {row['n']} | {_fmt(row['test/f_rmse_meV_A'], row['test/f_rmse_meV_A_std'])} | "
+            f"{_fmt(row['test/f_mae_meV_A'], row['test/f_mae_meV_A_std'])} | "
+            f"{_fmt(row['test/e_rmse_meV_atom'], row['test/e_rmse_meV_atom_std'], 1)} | "
+            f"{_fmt(row['test/closure'], digits=2)} | {_fmt(row['valid/closure'], digits=2)} |{pair_cell} "
+            f"{_fmt(row['wall_time_s'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def verdict(summary: dict[str, dict[str, Any]], mf_arm: str) -> str:
+    """One line: does multi-fidelity pay on the validation split of this data?"""
+    mf, eo = summary.get(mf_arm, {}), summary.get("sf-high-e", {})
+    f_mf, f_eo = mf.get("valid/f_rmse_meV_A"), eo.get("valid/f_rmse_meV_A")
+    if f_mf is None or f_eo is None:
+        e_mf, e_eo = mf.get("valid/e_rmse_meV_atom"), eo.get("valid/e_rmse_meV_atom")
+        if e_mf is None or e_eo is None:
+            return "no verdict: run the energy-only and multi-fidelity arms first"
+        return (
+            f"validation has no high-level forces and no displacement pairs, so force accuracy cannot be judged; "
+            f"energy RMSE {e_mf:.1f} ({mf_arm}) vs {e_eo:.1f} meV/atom (energies only). To decide: "
+            "mace-mf displace valid.xyz pairs.xyz --n 40, label the pairs with the high level "
+            "(--energies-only) and set data.valid_pairs"
+        )
+    closure = mf.get("valid/closure")
+    tail = f", closure {closure:.2f}" if closure is not None else ""
+    if f_mf < f_eo:
+        return f"multi-fidelity pays: valid F RMSE {f_mf:.0f} ({mf_arm}) vs {f_eo:.0f} meV/Å (energies only){tail}"
+    return (
+        f"multi-fidelity does NOT pay on this data: valid F RMSE {f_mf:.0f} ({mf_arm}) vs {f_eo:.0f} meV/Å "
+        f"(energies only){tail}; train on the high-level energies alone"
+    )
+
+
+def pair_squared_errors(path: Path, high: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Per-pair squared directional-force errors of one run's high head (NaN where a pair has no
+    high-level energies), the pairs' weights and the number of geometries; None without pairs."""
+    file = RunFolder(path).pair_errors
+    if not file.is_file():
+        return None
+    record = json.loads(file.read_text())
+    errors = record["errors_meV_A"].get(high)
+    if not errors or all(e is None for e in errors):
+        return None
+    values = np.array([np.nan if e is None else e for e in errors], dtype=float)
+    return values**2, np.array(record["weights"], dtype=float), int(record.get("geometries", len(values)))
+
+
+def recommendation(arm: Arm, recipe_file: Path) -> str:
+    """The recipe that the chosen arm is, as a command."""
+    if not arm.overrides:
+        return f"the recipe as written: mace-mf train {recipe_file}"
+    sets = " ".join(f"--set {o}" for o in arm.overrides)
+    return f"{arm.description}: mace-mf train {recipe_file} {sets}"
+
+
+def decide(
+    runs: dict[str, list[Path]],
+    summary: dict[str, dict[str, Any]],
+    arms: dict[str, Arm],
+    high: str,
+    recipe_file: Path,
+    mf_arm: str,
+) -> dict[str, Any]:
+    """Which arm to train: the lowest validation force error among the recipes for the high level
+    (never :data:`NOT_RECIPES`).
+
+    On the high level's validation forces where every candidate has them; else on the displacement
+    pairs (mean over seeds of each pair's squared error, so every seed's model counts); else none.
+    ``preference`` is the share of bootstrap resamples of the pairs in which the choice beats the
+    runner-up; the decision is ``resolved`` from 0.95, and a ``tie`` when the 90 % bootstrap interval
+    of their RMSE ratio lies within 5 % of 1 (the pairs then show the two are equal, not which is better).
+    """
+    candidates = [k for k in runs if "@" not in k and k not in NOT_RECIPES]
+    decision: dict[str, Any] = {"basis": None, "best": None, "runner_up": None, "resolved": False}
+    if len(candidates) < 2:
+        decision["line"] = "no decision: run at least two arms besides the oracle"
+        return decision
+    forces = {k: summary[k].get("valid/f_rmse_meV_A") for k in candidates}
+    if all(v is not None for v in forces.values()):
+        ranked = sorted(candidates, key=lambda k: forces[k])
+        best, second = ranked[:2]
+        decision.update(basis="forces", best=best, runner_up=second, values={k: forces[k] for k in ranked})
+        decision["resolved"] = True
+        decision["line"] = (
+            f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å; next {second} "
+            f"{forces[second]:.0f}). Recommended: {recommendation(arms[best], recipe_file)}"
+        )
+        return decision
+    squared: dict[str, np.ndarray] = {}
+    weights, geometries = None, 0
+    for key in candidates:
+        per_seed = [pair_squared_errors(path, high) for path in runs[key]]
+        if any(p is None for p in per_seed):
+            continue
+        squared[key] = np.nanmean(np.stack([p[0] for p in per_seed]), axis=0)  # type: ignore[index]
+        weights, geometries = per_seed[0][1], per_seed[0][2]  # type: ignore[index]
+    if len(squared) < 2 or weights is None:
+        decision["line"] = (
+            f"no decision on forces: validation has neither {high} forces nor labelled displacement pairs "
+            "(mace-mf displace, then data.valid_pairs)"
+        )
+        return decision
+    usable = np.all(np.isfinite(np.stack(list(squared.values()))), axis=0)
+    w = weights[usable]
+    values = {k: weighted_rmse(v[usable], w) for k, v in squared.items()}
+    ranked = sorted(values, key=values.get)  # type: ignore[arg-type]
+    best, second = ranked[:2]
+    preference, low, high_ratio = paired_preference(squared[best][usable], squared[second][usable], w)
+    n = int(usable.sum())
+    resolved = preference >= RESOLVED
+    tie = not resolved and low >= 1.0 / TIE and high_ratio <= TIE
+    decision.update(
+        basis="pairs",
+        best=best,
+        runner_up=second,
+        values={k: values[k] for k in ranked},
+        preference=preference,
+        ratio_90=[low, high_ratio],
+        resolved=resolved,
+        tie=tie,
+        n_pairs=n,
+        n_energies=2 * n,
+        geometries=geometries,
+    )
+    if mf_arm in squared and "sf-high-e" in squared:
+        pays, _, _ = paired_preference(squared[mf_arm][usable], squared["sf-high-e"][usable], w)
+        decision["verdict"] = (
+            f"by {n} displacement pairs, multi-fidelity "
+            + ("pays" if values[mf_arm] < values["sf-high-e"] else "does NOT pay")
+            + f": valid F·u RMSE {values[mf_arm]:.0f} ({mf_arm}) vs {values['sf-high-e']:.0f} meV/Å (energies only), "
+            f"{mf_arm} preferred in {pays:.0%} of resamples"
+        )
+    if resolved:
+        state = "resolved"
+    elif tie:
+        state = f"a tie: the two are within {TIE - 1:.0%} of each other, and either is a sound choice"
+    else:
+        state = f"NOT resolved (below {RESOLVED:.0%}, and not a tie within {TIE - 1:.0%}): label more pairs"
+    decision["line"] = (
+        f"decided without {high} forces, on {n} displacement pairs ({2 * n} {high} energies, {geometries} "
+        f"validation geometries): {best} has the lowest directional-force RMSE, {values[best]:.0f} meV/Å, "
+        f"against {second} {values[second]:.0f} (RMSE ratio {low:.2f}–{high_ratio:.2f}, 90 % bootstrap); preferred in "
+        f"{preference:.0%} of resamples of the pairs: {state}. Recommended: {recommendation(arms[best], recipe_file)}"
+    )
+    return decision
+
+
+def learning_curve_plot(summary: dict[str, dict[str, Any]], arms: list[str], high: str, path: Path) -> None:
+    """Test force RMSE against the fraction of high-level energies kept, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for arm in arms:
+        points = []
+        for key, row in summary.items():
+            name, _, frac = key.partition("@")
+            if name == arm and row["test/f_rmse_meV_A"] is not None:
+                points.append((float(frac) if frac else 1.0, row["test/f_rmse_meV_A"], row["test/f_rmse_meV_A_std"]))
+        if points:
+            points.sort()
+            x, y, err = zip(*points, strict=True)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
+    ax.set_xscale("log")
+    ax.set_xlabel(f"fraction of training geometries with {high} energies")
+    ax.set_ylabel(f"{high} test force RMSE (meV/Å)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=150)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_benchmark(
+    recipe_file: Path,
+    out: Path,
+    arm_names: list[str],
+    seeds: list[int],
+    fractions: list[float],
+    fraction_arms: list[str],
+    common: list[str],
+    low: str | None = None,
+    high: str | None = None,
+    workers: int = 1,
+) -> dict[str, Any]:
+    """Run every (arm, seed[, fraction]) not yet complete; write results.json and results.md.
+
+    ``workers`` > 1 trains that many runs at once, each in its own process (give each
+    ``num_threads=1``); the runs are independent, so the results do not depend on it.
+    """
+    base = load_recipe(recipe_file, common)
+    labelled = any(spec.labels is not None for spec in base.fidelities.values())
+    if labelled and base.data.label_cache is None:  # one cache for every arm: on-the-fly labels computed once
+        common = [*common, f"data.label_cache={(out / 'label-cache').resolve()}"]
+        base = load_recipe(recipe_file, common)
+    high = high or base.target
+    others = [f for f in base.fidelities if f != high]
+    low = low or (others[0] if others else None)
+    if low is None or low not in base.fidelities or high not in base.fidelities:
+        raise RecipeError(f"{recipe_file}: the benchmark needs a low and a high fidelity; pass --low/--high")
+    arms = standard_arms(base, low, high)
+    unknown = [a for a in [*arm_names, *fraction_arms] if a not in arms]
+    if unknown:
+        raise RecipeError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
+    jobs = [(arms[a], s, 1.0) for a in arm_names for s in seeds]
+    jobs += [(arms[a], s, f) for f in fractions if f < 1.0 for a in fraction_arms for s in seeds]
+    scores: dict[str, list[dict[str, Any]]] = {}
+    folders: dict[str, list[Path]] = {}
+    for (arm, seed, fraction), path in zip(jobs, _run_jobs(recipe_file, jobs, high, out, common, workers), strict=True):
+        key = arm.name if fraction >= 1.0 else f"{arm.name}@{fraction:g}"
+        scores.setdefault(key, []).append({"seed": seed, **_score(path, high)})
+        folders.setdefault(key, []).append(path)
+    summary = summarise(scores)
+    mf_arm = next((a for a in ("mf", *arm_names) if a in summary and a.startswith("mf")), "mf")
+    decision = decide(folders, summary, arms, high, recipe_file, mf_arm)
+    gaps = label_gap(base, low, high)
+    result = {
+        "recipe": str(recipe_file),
+        "low": low,
+        "high": high,
+        "common_overrides": common,
+        "arms": {a.name: {"overrides": list(a.overrides), "description": a.description} for a in arms.values()},
+        "runs": scores,
+        "summary": summary,
+        "label_gap": gaps,
+        "verdict": decision.get("verdict") or verdict(summary, mf_arm),
+        "decision": decision,
+    }
+    gap_text = gap_line(gaps, summary, low, high)
+    atomic_write_text(out / "results.json", json.dumps(result, indent=2))
+    atomic_write_text(
+        out / "results.md",
+        markdown_table(summary, high, arms)
+        + "\n"
+        + (gap_text + "\n\n" if gap_text else "")
+        + result["verdict"]
+        + "\n\n"
+        + decision["line"]
+        + "\n",
+    )
+    if any(f < 1.0 for f in fractions):
+        learning_curve_plot(summary, fraction_arms, high, out / "learning_curve.png")
+    return result

@@ -1,0 +1,151 @@
+"""Everything a run does before its first training step: the foundation loaded, labels computed,
+the data read and split, the model built (mace_mf.model.build) and each head's E0s fitted.
+
+Runs, every rank of a torchrun run, bench arms and sweep trials prepare through :func:`prepare`;
+the speed benchmark calls its steps one by one to time them.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ase.data import atomic_numbers as symbol_to_z
+from ase.data import chemical_symbols
+from mace.modules.models import ScaleShiftMACE
+from mace.tools import AtomicNumberTable
+
+from mace_mf.config.schema import Recipe
+from mace_mf.data.graphs import Split
+from mace_mf.data.splits import Splits, data_elements, load_splits, select_frames
+from mace_mf.errors import RecipeError
+from mace_mf.evaluation.predict import predict
+from mace_mf.labels.labelling import label_recipe_data
+from mace_mf.model.build import build_model, torch_dtype
+from mace_mf.model.foundation import FoundationInfo, keep_elements, load_foundation
+from mace_mf.model.heads import extract_head, fit_e0s, set_head_e0s
+from mace_mf.train.distributed import SINGLE, Dist, rank0_first
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """A model ready to train and what it was made from."""
+
+    model: ScaleShiftMACE
+    info: FoundationInfo  # the foundation as kept (its elements cut to the data's unless `elements: all`)
+    splits: Splits
+    e0s: dict[str, dict[str, float]]  # fitted E0s by fidelity and element
+    labelled_files: dict[str, Any]  # files labelled for `fidelities.<name>.labels`, by fidelity
+
+
+def prepare(recipe: Recipe, cache_dir: Path, device: torch.device, dist: Dist = SINGLE) -> Prepared:
+    """Foundation → labels → data → model → E0s. ``cache_dir`` holds computed labels."""
+    dtype = torch_dtype(recipe.dtype)
+    with rank0_first(dist):  # a named foundation is downloaded once
+        foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, dtype)
+    log.info(
+        "foundation %s: %d parameters, r_max %.2f Å, elements %s",
+        info.source,
+        info.num_parameters,
+        info.r_max,
+        " ".join(info.elements),
+    )
+    with rank0_first(dist):  # rank 0 labels into the cache, the others read it
+        data_recipe, labelled_files = label_recipe_data(recipe, cache_dir)
+    single, info, splits = start_head(data_recipe, foundation, info, dtype)
+    log.info(
+        "data: %d train, %d valid, %d test configurations",
+        len(splits.train),
+        len(splits.valid),
+        len(splits.test) if splits.test else 0,
+    )
+    model = build_model(single, recipe).to(device)
+    e0s = assign_e0s(model, single, recipe, splits.train, device)
+    return Prepared(model, info, splits, e0s, labelled_files)
+
+
+def start_head(
+    recipe: Recipe, foundation: torch.nn.Module, info: FoundationInfo, dtype: torch.dtype
+) -> tuple[torch.nn.Module, FoundationInfo, Splits]:
+    """The foundation's starting head (restricted to the data's elements unless
+    ``foundation.elements: all``), the info that describes it, and the splits built for it.
+    ``recipe`` is the one whose data files are read (after on-the-fly labelling)."""
+    single = extract_head(foundation, info.head)
+    frames = select_frames(recipe, info, single)
+    kept = data_elements(info, frames)
+    if recipe.foundation.elements == "data" and kept != info.atomic_numbers:
+        single = keep_elements(single, info, list(kept))
+        log.info(
+            "foundation.elements: data: kept %s of %d elements (%d parameters)",
+            " ".join(chemical_symbols[z] for z in kept),
+            len(info.atomic_numbers),
+            sum(p.numel() for p in single.parameters()),
+        )
+        info = replace(info, atomic_numbers=kept)
+    return single, info, load_splits(recipe, info, dtype, frames)
+
+
+def assign_e0s(
+    model: torch.nn.Module, foundation_single: torch.nn.Module, recipe: Recipe, train: Split, device: torch.device
+) -> dict[str, dict[str, float]]:
+    """Set each head's E0s as the recipe says; return them by fidelity and element.
+
+    A fitted head with a ``base`` fidelity fitted before it starts from the base's E0s rather than
+    the foundation's: where its own compositions cannot resolve every element (a few high-level
+    energies, e.g. 8 geometries of 3 compositions for 4 elements), the unresolved directions keep
+    the base level's E0s, which are a level of theory near it, instead of the foundation's, which
+    can be hundreds of eV per atom away (measured: QZVP test energies off by 265 eV/atom).
+    """
+    zs = [int(z) for z in model.atomic_numbers]
+    base = torch.atleast_2d(foundation_single.atomic_energies_fn.atomic_energies)[0].detach().cpu().double().numpy()
+    z_table = AtomicNumberTable(zs)
+    counts = train.counts(z_table)
+    labels, mask = train.energies(), train.energy_mask()
+    foundation_energy: np.ndarray | None = None
+    result: dict[str, dict[str, float]] = {}
+    fitted: dict[str, np.ndarray] = {}
+    for h, (name, spec) in enumerate(recipe.fidelities.items()):
+        if spec.e0s == "fit" and mask[:, h].any():
+            if foundation_energy is None:
+                foundation_energy = predict(
+                    foundation_single.to(device), _without_forces(train), [0], recipe.training.eval_batch_size, device
+                ).energies[:, 0]
+            sel = mask[:, h]
+            prior = fitted.get(spec.base or "", base)
+            residual = labels[sel, h] - foundation_energy[sel] - counts[sel] @ (prior - base)
+            e0 = fit_e0s(counts[sel], residual, prior)
+            fitted[name] = e0
+        elif isinstance(spec.e0s, dict):
+            e0 = base.copy()
+            present = {zs[i] for i in np.flatnonzero(counts.sum(0) > 0)}
+            for symbol, value in spec.e0s.items():
+                z = symbol_to_z.get(symbol)
+                if z is None or z not in zs:
+                    raise RecipeError(f"fidelities.{name}.e0s: {symbol!r} is not an element of the foundation")
+                e0[zs.index(z)] = value
+                present.discard(z)
+            if present:
+                missing = ", ".join(chemical_symbols[z] for z in sorted(present))
+                raise RecipeError(f"fidelities.{name}.e0s: no value for {missing}, which the data contains")
+        else:
+            e0 = base
+        set_head_e0s(model, h, e0)
+        result[name] = {chemical_symbols[z]: float(v) for z, v in zip(zs, e0, strict=True)}
+    return result
+
+
+def _without_forces(split: Split) -> Split:
+    """A view of a split whose force masks are zero (energy-only prediction is cheaper)."""
+    graphs = []
+    for g in split.graphs:
+        clone = copy.copy(g)
+        clone.mf_forces_mask = torch.zeros_like(g.mf_forces_mask)
+        graphs.append(clone)
+    return Split(split.name, split.fidelities, split.atoms, graphs)

@@ -1,0 +1,94 @@
+"""The human-readable run report: ``report.md`` with tables and plots beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mace_mf.config.schema import Recipe
+from mace_mf.evaluation.md_check import md_check_markdown
+from mace_mf.evaluation.metrics import metrics_table
+from mace_mf.evaluation.plots import curve_plot
+from mace_mf.files import atomic_write_text
+from mace_mf.model.foundation import FoundationInfo
+from mace_mf.run_folder import RunFolder
+from mace_mf.train.trainer import History
+
+
+def _pairs_note(metrics: dict[str, Any]) -> list[str]:
+    """What the pair columns mean, where validation pairs were scored."""
+    scored = {name: m for name, m in metrics.get("valid", {}).items() if m.get("n_pairs")}
+    if not scored:
+        return []
+    parts = ", ".join(f"`{name}` on {m['n_pairs']} pairs" for name, m in scored.items())
+    return [
+        f"F·u RMSE, pairs: the directional force F·u of each head against −(E(x+δu) − E(x−δu))/2δ of "
+        f"the level's own energies on displaced validation geometries (`data.valid_pairs`; {parts}): an "
+        "estimate of the force RMSE made without force labels.",
+        "",
+    ]
+
+
+def write_report(
+    out: Path,
+    recipe: Recipe,
+    info: FoundationInfo,
+    splits: Any,
+    metrics: dict[str, Any],
+    zero_shot: dict[str, Any],
+    history: History,
+    e0s: dict[str, dict[str, float]],
+    files: list[Path],
+    wall_time_s: float,
+    md_record: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``report.md`` (atomically) and the learning-curve plot."""
+    lines = [f"# mace_mf run `{recipe.name}`", ""]
+    lines += [
+        f"- foundation: `{info.source}` (head `{info.head}`, {info.num_parameters:,} parameters, "
+        f"r_max {info.r_max:.2f} Å, elements {' '.join(info.elements)})",
+        f"- fidelities: {', '.join(f'`{n}`' for n in recipe.fidelities)}; target `{recipe.target}`",
+        f"- data: {len(splits.train)} train, {len(splits.valid)} valid, "
+        f"{len(splits.test) if splits.test else 0} test configurations",
+        f"- epochs run: {len(history.epochs)} (best epoch {history.best_epoch}); wall time {wall_time_s:.0f} s",
+        f"- dtype {recipe.dtype}, device {recipe.device}, seed {recipe.seed}",
+        "",
+        "## Errors after fine-tuning",
+        "",
+        metrics_table(metrics),
+        "",
+        *_pairs_note(metrics),
+        "## Zero-shot (foundation with per-fidelity E0s, before training)",
+        "",
+        metrics_table(zero_shot),
+        "",
+    ]
+    folder = RunFolder(out)
+    if curve_plot(history.epochs, history.best_epoch, list(recipe.fidelities), folder.plots / "learning_curve.png"):
+        lines += ["## Learning curve", "", "![learning curve](plots/learning_curve.png)", ""]
+    plots = sorted(folder.plots.glob("parity_*.png"))
+    if plots:
+        lines += ["## Parity plots", ""]
+        lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+        lines.append("")
+    lines += [
+        "## Atomic reference energies (eV)",
+        "",
+        "| fidelity | " + " | ".join(next(iter(e0s.values()))) + " |",
+        "|---|" + "---|" * len(next(iter(e0s.values()))),
+    ]
+    for name, values in e0s.items():
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values.values()) + " |")
+    if md_record is not None:
+        lines += ["", "## MD stability check (`md_check.json`)", "", *md_check_markdown(md_record)]
+    lines += ["", "## Exported files", ""]
+    lines += [f"- `{p.relative_to(out)}`" for p in files]
+    lines += [
+        "",
+        "Load in ASE without mace_mf: `MACECalculator(model_paths='models/<fidelity>.model')`, or "
+        "`MACECalculator(model_paths='models/multihead.model', head='<fidelity>')`.",
+        "",
+    ]
+    path = folder.report
+    atomic_write_text(path, "\n".join(lines))
+    return path
