@@ -22,14 +22,10 @@ import pytest
 import torch
 import yaml
 from ase import Atoms
-from ase.build import molecule
-from mace.tools import AtomicNumberTable
+from physics import HeadForward, StockCalculator, check_gradient, check_permutation, check_rigid_motion, rattled
 from support import tiny_scale_shift_mace, write_recipe
 
 from mace_mf.config.loading import load_recipe
-from mace_mf.data.graphs import batch_dict, to_graph
-from mace_mf.data.read import Labels
-from mace_mf.model.forward import fidelity_energies, fidelity_forces
 from mace_mf.model.heads import head_names
 from mace_mf.workflows.run import train_run
 
@@ -54,52 +50,14 @@ def run(tmp_path_factory, two_fidelity_files):
     return train_run(load_recipe(path), folder / "out")
 
 
-class MaceMfForward:
-    """mace_mf's training forward (one backbone pass, any head) on the multi-head model."""
-
-    def __init__(self, path):
-        self.model = torch.load(path, weights_only=False)
-        self.heads = head_names(self.model)
-        self.h = self.heads.index(HEAD)
-        self.z_table = AtomicNumberTable([int(z) for z in self.model.atomic_numbers])
-        self.r_max = float(self.model.r_max)
-        self.e0 = torch.atleast_2d(self.model.atomic_energies_fn.atomic_energies)[self.h].detach().numpy()
-
-    def __call__(self, atoms: Atoms) -> tuple[float, np.ndarray]:
-        from mace.tools.torch_geometric import Batch
-
-        labels = Labels([None] * len(self.heads), [None] * len(self.heads))
-        graph = to_graph(atoms, labels, self.z_table, self.r_max, self.heads, torch.float64)
-        data = batch_dict(Batch.from_data_list([graph]))
-        energies = fidelity_energies(self.model, data, [self.h])
-        (forces,) = fidelity_forces(energies, data["positions"], [0], create_graph=False)
-        return float(energies[0, 0]), forces.detach().numpy()
-
-
-class StockCalculator:
-    """Stock ``MACECalculator`` on the exported single-head file."""
-
-    def __init__(self, path):
-        from mace.calculators import MACECalculator
-
-        self.calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype="float64")
-        model = self.calc.models[0]
-        self.r_max = float(model.r_max)
-        self.e0 = torch.atleast_2d(model.atomic_energies_fn.atomic_energies)[0].detach().numpy()
-        self.z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
-
-    def __call__(self, atoms: Atoms) -> tuple[float, np.ndarray]:
-        atoms = atoms.copy()
-        atoms.calc = self.calc
-        return float(atoms.get_potential_energy()), atoms.get_forces()
-
-
 @functools.cache
 def _evaluator(kind: str, folder: str):
     from pathlib import Path
 
     models = Path(folder) / "models"
-    return MaceMfForward(models / "multihead.model") if kind == "mace_mf" else StockCalculator(models / f"{HEAD}.model")
+    if kind == "mace_mf":
+        return HeadForward(torch.load(models / "multihead.model", weights_only=False), HEAD)
+    return StockCalculator(models / f"{HEAD}.model")
 
 
 @pytest.fixture(params=["mace_mf", "exported"])
@@ -107,48 +65,16 @@ def evaluate(request, run):
     return _evaluator(request.param, str(run))
 
 
-def rattled(name: str, seed: int) -> Atoms:
-    atoms = molecule(name)
-    atoms.rattle(0.05, seed=seed)
-    return atoms
-
-
 def test_rigid_motion_keeps_energy_and_rotates_forces(evaluate):
-    atoms = rattled("CH3OH", 1)
-    e0, f0 = evaluate(atoms)
-    rotation = np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))[0]
-    rotation *= np.sign(np.linalg.det(rotation))
-    moved = atoms.copy()
-    moved.positions = atoms.positions @ rotation.T + np.array([3.1, -1.7, 0.4])
-    e1, f1 = evaluate(moved)
-    assert e1 == pytest.approx(e0, abs=1e-9)
-    np.testing.assert_allclose(f1, f0 @ rotation.T, atol=1e-9)
-    assert np.abs(f0).max() > 1e-3  # the forces compared are not trivially zero
+    check_rigid_motion(evaluate, rattled("CH3OH", 1), atol_e=1e-9, atol_f=1e-9)
 
 
 def test_permuting_atoms_keeps_energy_and_permutes_forces(evaluate):
-    atoms = rattled("CH3CHO", 3)
-    order = np.random.default_rng(4).permutation(len(atoms))
-    e0, f0 = evaluate(atoms)
-    e1, f1 = evaluate(atoms[order])
-    assert e1 == pytest.approx(e0, abs=1e-9)
-    np.testing.assert_allclose(f1, f0[order], atol=1e-9)
+    check_permutation(evaluate, rattled("CH3CHO", 3), atol_e=1e-9, atol_f=1e-9)
 
 
 def test_forces_are_central_finite_differences_of_the_energy(evaluate):
-    atoms = rattled("HCOOH", 5)
-    _, forces = evaluate(atoms)
-    step = 1e-4
-    numeric = np.zeros_like(forces)
-    for i in range(len(atoms)):
-        for k in range(3):
-            energies = []
-            for sign in (1.0, -1.0):
-                moved = atoms.copy()
-                moved.positions[i, k] += sign * step
-                energies.append(evaluate(moved)[0])
-            numeric[i, k] = -(energies[0] - energies[1]) / (2 * step)
-    np.testing.assert_allclose(forces, numeric, atol=1e-6)
+    check_gradient(evaluate, rattled("HCOOH", 5), step=1e-4, atol=1e-6)
 
 
 def _dimer(distance: float) -> Atoms:
