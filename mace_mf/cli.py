@@ -210,6 +210,39 @@ def bench(
 
 
 @app.command()
+def preprocess(
+    files: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Data files (ASE, mace-torch HDF5 or LMDB).")],
+    out: Annotated[Path, typer.Option(help="The store folder to write (resumed if it is unfinished).")],
+    workers: Annotated[int, typer.Option(min=1, help="Processes converting chunks in parallel.")] = 1,
+    data_format: Annotated[str | None, typer.Option("--format", help="ASE format of FILES (default: guessed).")] = None,
+    skip_bad: Annotated[
+        bool, typer.Option(help="Skip bad configurations (listed in STORE/skipped.tsv) instead of stopping.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a finished store in --out.")] = False,
+    chunk: Annotated[int, typer.Option(min=1, help="Configurations per shard (one process's unit of work).")] = 10_000,
+) -> None:
+    """Convert data files into a store that every run, bench arm, sweep trial and rank reads from disk."""
+    from ase.data import chemical_symbols
+
+    from mace_mf.data.store import preprocess as convert
+
+    try:
+        store = convert(files, out, workers, data_format, skip_bad, overwrite, chunk)
+    except KeyboardInterrupt:
+        err.print(f"interrupted; finished shards are kept: run the same command to complete {out}", soft_wrap=True)
+        raise typer.Exit(130) from None
+    manifest = store.manifest
+    err.print(
+        f"{out}: {manifest['configs']} configurations, {manifest['atoms']} atoms, elements "
+        f"{' '.join(chemical_symbols[z] for z in manifest['elements'])}, in {manifest['seconds']:.1f} s "
+        f"({manifest['configs'] / max(manifest['seconds'], 1e-9):.0f} configurations/s with {workers} worker(s))"
+        + (f"; {manifest['skipped']} skipped, listed in {out / 'skipped.tsv'}" if manifest["skipped"] else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def label(
     input_file: Annotated[Path, typer.Argument(metavar="INPUT", help="ASE-readable file of configurations.")],
     output: Annotated[Path, typer.Argument(metavar="OUTPUT", help="extxyz file to write (atomically).")],

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a torn one.
+"""Atomic file writes (a reader sees the old file or the complete new one, never a torn one), and
+file content hashes.
 
 Everything a run writes (checkpoints, models, metrics, reports) goes through these helpers:
 write to a temporary file in the same folder, flush and fsync, then ``os.replace``.
@@ -6,6 +7,7 @@ write to a temporary file in the same folder, flush and fsync, then ``os.replace
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -63,3 +65,12 @@ def atomic_write_xyz(path: Path, frames: list[Any]) -> None:
     buffer = io.StringIO()
     ase.io.write(buffer, frames, format="extxyz")
     atomic_write_text(path, buffer.getvalue())
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (what caches of derived data are keyed by)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from support import build_tiny_mace, label, sample_molecules
 # The test workloads are tiny: one thread avoids oversubscription (several times faster on 2 cores).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Stores converted from data files go to a cache of this test process, not the user's home.
+os.environ["MACE_MF_CACHE"] = tempfile.mkdtemp(prefix="mace-mf-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -20,17 +20,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from mace.tools import AtomicNumberTable
 from support import ROOT, write_recipe
 
 from mace_mf.config.loading import load_recipe
-from mace_mf.data.graphs import make_split
-from mace_mf.data.read import read_frames
+from mace_mf.data.graphs import Batches
+from mace_mf.data.splits import load_splits
 from mace_mf.errors import RecipeError
-from mace_mf.train.distributed import Dist, local_batch_size, rank_batches
+from mace_mf.model.foundation import load_foundation
+from mace_mf.train.distributed import Dist, local_batch_size
 from mace_mf.train.trainer import Trainer
 from mace_mf.workflows.run import train_run
 
@@ -142,26 +143,26 @@ def test_only_rank_zero_writes_and_logs(runs):
 
 
 def test_each_global_batch_is_split_into_disjoint_shards():
-    graphs = list(range(21))  # rank_batches only indexes and copies; stand-ins show the partition
-    one = rank_batches(graphs, 10, seed=7, dist=Dist(0, 1, 0))
+    one = list(Batches(21, 10, shuffle=True, seed=7))
     perm = torch.randperm(21, generator=torch.Generator().manual_seed(7)).tolist()
     assert one == [perm[0:10], perm[10:20], perm[20:21]]
-    three = [rank_batches(graphs, 9, seed=7, dist=Dist(r, 3, r)) for r in range(3)]
+    three = [list(Batches(21, 9, shuffle=True, seed=7, shard=(r, 3))) for r in range(3)]
     assert [len(b) for b in three] == [3, 3, 3]
     for step in range(3):
         merged = [g for r in range(3) for g in three[r][step]]
         assert merged == perm[9 * step : 9 * step + 9]
+    assert list(Batches(21, 10, shuffle=True, seed=7, steps=2)) == one[:2]  # training.steps_per_epoch
 
 
 def test_padding_graph_has_every_label_masked(tmp_path, tiny_model_file, two_fidelity_files):
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files))
-    frames = read_frames(str(two_fidelity_files["valid"]), recipe.fidelities, None)[:3]
-    graphs = make_split("valid", frames, list(recipe.fidelities), AtomicNumberTable([1, 6, 7, 8]), 4.0, torch.float64)
-    shards = rank_batches(graphs.graphs, 2, seed=0, dist=Dist(1, 2, 1))
-    assert len(shards) == 2 and len(shards[1]) == 1  # the last global batch holds one graph: rank 0's
-    pad = shards[1][0]
+    _, info = load_foundation(recipe.foundation.model, None, torch.float64)
+    valid = load_splits(recipe, info, torch.float64).valid.subset(np.arange(3))
+    shards = list(valid.loader(2, shuffle=True, seed=0, shard=(1, 2)))
+    assert len(shards) == 2 and shards[1].num_graphs == 1  # the last global batch holds one graph: rank 0's
+    pad = shards[1]
     assert pad.mf_energy_mask.sum() == 0 and pad.mf_forces_mask.sum() == 0
-    assert pad.positions.shape[0] > 0 and all(g.mf_energy_mask.sum() > 0 for g in graphs.graphs)
+    assert pad.positions.shape[0] > 0 and all(g.mf_energy_mask.sum() > 0 for g in valid.graphs)
 
 
 def test_batch_size_must_divide_among_processes():

@@ -14,7 +14,7 @@ from support import build_tiny_mace, label, sample_molecules, write_recipe
 from mace_mf.cli import main
 from mace_mf.config.loading import load_recipe
 from mace_mf.data.selection import budget_count, cluster_centres, descriptors, farthest_points, select
-from mace_mf.data.splits import select_frames
+from mace_mf.data.splits import select_data
 from mace_mf.model.foundation import load_foundation
 
 
@@ -100,9 +100,9 @@ def test_recipe_keeps_high_labels_exactly_where_select_would_put_them(tmp_path, 
         )
 
         foundation, info = load_foundation(recipe.foundation.model, None, torch.float64)
-        train, _, _ = select_frames(recipe, info, foundation)
-        chosen[method] = [i for i, f in enumerate(train) if f.labels.energy[1] is not None]
-        assert len(chosen[method]) == 6 and all(f.labels.energy[0] is not None for f in train)  # lo everywhere
+        train = select_data(recipe, info, foundation).train
+        chosen[method] = np.flatnonzero(train.energy_mask[:, 1]).tolist()
+        assert len(chosen[method]) == 6 and train.energy_mask[:, 0].all()  # lo everywhere
     atoms = [a for a in ase.io.read(two_fidelity_files["train"], ":")]
     assert chosen["fps"] == sorted(select(atoms, 6, "fps", 0, foundation))
     assert chosen["kmeans"] == sorted(select(atoms, 6, "kmeans", 0, foundation))
@@ -140,8 +140,8 @@ def test_a_head_with_few_energies_keeps_its_base_levels_reference_energies(
     train = ase.io.read(two_fidelity_files["train"], ":")
     kept = load_recipe(recipe_file, ["fidelities.hi.label_fraction=0.04"])
     foundation, info = load_foundation(kept.foundation.model, None, torch.float64)
-    frames, _, _ = select_frames(kept, info, foundation)
-    (only,) = [f.atoms for f in frames if f.labels.energy[1] is not None]
+    selected = select_data(kept, info, foundation).train
+    (only,) = [selected.configs.atoms(int(selected.rows[p])) for p in np.flatnonzero(selected.energy_mask[:, 1])]
     composition = np.array([np.sum(only.numbers == z) for z in (1, 6, 7, 8)], dtype=float)
     delta = hi - lo
     np.testing.assert_allclose(delta, composition * (delta @ composition) / (composition @ composition), atol=1e-6)

@@ -80,6 +80,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.data.valid_pairs = resolve_many(recipe.data.valid_pairs)
     if recipe.data.label_cache is not None:
         recipe.data.label_cache = resolve(recipe.data.label_cache)
+    if recipe.data.store_cache is not None:
+        recipe.data.store_cache = resolve(recipe.data.store_cache)
     for spec in recipe.fidelities.values():
         calculator = spec.labels.calculator if spec.labels is not None else ""
         if spec.labels is not None and calculator.startswith("mace:"):

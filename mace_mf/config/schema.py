@@ -183,7 +183,13 @@ class FidelitySpec(_Section):
 class DataSpec(_Section):
     """Which files hold the configurations and how they are split."""
 
-    train: str | list[str] = Field(description="ASE-readable file(s) of training configurations.")
+    train: str | list[str] = Field(
+        description=(
+            "Training configurations: ASE-readable file(s), mace_mf store folder(s) (`mace-mf preprocess`), or "
+            "mace-torch's preprocessed HDF5 (`.h5`) / LMDB (`.aselmdb`) data. Files are converted to a store once "
+            "and cached by content (`store_cache`)."
+        )
+    )
     valid: str | list[str] | None = Field(
         default=None, description="Validation file(s); null: split off `valid_fraction` of train."
     )
@@ -215,6 +221,33 @@ class DataSpec(_Section):
             "and test are split off): quick benchmarks and learning curves in geometries. null: all."
         ),
     )
+    store_cache: str | None = Field(
+        default=None,
+        description=(
+            "Folder of the stores that data files are converted to, keyed by file content and shared by every run, "
+            "bench arm, sweep trial and rank; null: `$MACE_MF_CACHE/stores`, else `~/.cache/mace_mf/stores`."
+        ),
+    )
+    preprocess_workers: int = Field(
+        default=1, ge=1, description="Processes that convert a data file into its store the first time it is used."
+    )
+    keep_graphs: Literal["auto"] | bool = Field(
+        default="auto",
+        description=(
+            "Hold each split's graphs in memory once built (fast epochs; about 3.4 kB per atom) or build them from the "
+            "store whenever a batch needs them (flat memory, with `training.num_workers` processes). `auto`: hold a "
+            "split whose graphs would take under 2 GiB."
+        ),
+    )
+    statistics_sample: int | None = Field(
+        default=100_000,
+        ge=1,
+        description=(
+            "The E0 fit, the label variances of `training.normalise_weights` and the training split's final metrics "
+            "read a seeded sample of at most this many training configurations (said in the log and the report); "
+            "null: all of them."
+        ),
+    )
     label_cache: str | None = Field(
         default=None,
         description=(
@@ -239,6 +272,22 @@ class TrainingSpec(_Section):
     )
     batch_size: int = Field(default=16, ge=1, description="Configurations per optimisation step.")
     eval_batch_size: int = Field(default=32, ge=1, description="Configurations per evaluation batch.")
+    num_workers: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "DataLoader worker processes that read the store and build graphs while the model trains (for splits "
+            "whose graphs are not kept in memory, `data.keep_graphs`); 0: the training process builds them."
+        ),
+    )
+    steps_per_epoch: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Optimisation steps per epoch: the first ones of the epoch's seeded permutation (a million geometries "
+            "need not be seen between two validations); null: the whole training set."
+        ),
+    )
     lr: float = Field(default=1e-3, gt=0.0, description="Base learning rate.")
     optimizer: Literal["adam", "adamw"] = Field(default="adam", description="Optimizer.")
     weight_decay: float = Field(default=0.0, ge=0.0, description="Weight decay (decoupled for adamw).")

@@ -1,18 +1,23 @@
-"""Configurations as graphs: mace's ``AtomicData`` plus per-fidelity label tensors and masks.
+"""Configurations as graphs: mace's ``AtomicData`` plus per-fidelity label tensors and masks, and the
+batches a split yields.
 
-Each configuration becomes one graph (neighbour list built once per run) carrying four label tensors
-that batch naturally:
+Each configuration becomes one graph carrying four label tensors that batch naturally:
 
 - ``mf_energy`` ``[1, H]`` and ``mf_energy_mask`` ``[1, H]`` (graph level),
 - ``mf_forces`` ``[n_atoms, H, 3]`` (node level) and ``mf_forces_mask`` ``[1, H]`` (graph level).
 
-A :class:`Split` holds one split's graphs and the label tables that E0 fits and metrics read.
+A :class:`Split` is one split's label table (:mod:`mace_mf.data.table`) and the recipe of its graphs.
+Its graphs are either built once and kept (small data: fast epochs, memory grows with the data,
+about 37 kB per 11-atom geometry) or built from the store each time a batch needs them, by
+``training.num_workers`` DataLoader worker processes (flat memory: what a million geometries need).
+Both give the same graphs in the same batches, so a run's numbers do not depend on the choice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,39 +25,154 @@ from ase import Atoms
 from mace.data import AtomicData
 from mace.data.utils import Configuration
 from mace.tools import AtomicNumberTable
-from mace.tools.torch_geometric import Batch, DataLoader
+from mace.tools.torch_geometric import Batch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
-from mace_mf.data.read import Frame, Labels
+from mace_mf.data.read import Labels
+from mace_mf.data.table import LabelTable
+
+# Kept graphs of a split are estimated at this many bytes per atom (37 kB per 11-atom geometry,
+# measured on pyseqm_chno with the SPICE foundation's 4.5 Å cutoff).
+GRAPH_BYTES_PER_ATOM = 3400
+KEEP_GRAPHS_BYTES = 2 << 30  # `data.keep_graphs: auto` keeps a split's graphs below this estimate
 
 
-@dataclass
+def make_graph(
+    numbers: np.ndarray,
+    positions: np.ndarray,
+    cell: np.ndarray,
+    pbc: np.ndarray,
+    energies: Sequence[float | None],
+    forces: Sequence[np.ndarray | None],
+    z_table: AtomicNumberTable,
+    r_max: float,
+    heads: list[str],
+    dtype: torch.dtype,
+) -> AtomicData:
+    """One configuration as a graph with label tensors and masks attached."""
+    config = Configuration(
+        atomic_numbers=np.asarray(numbers),
+        positions=np.asarray(positions),
+        properties={},
+        property_weights={},
+        cell=np.asarray(cell),
+        pbc=tuple(bool(p) for p in pbc),
+        head=heads[0],
+    )
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        graph = AtomicData.from_config(config, z_table=z_table, cutoff=r_max, heads=heads)
+    finally:
+        torch.set_default_dtype(previous)
+    num_heads, n = len(heads), len(numbers)
+    energy = torch.zeros(1, num_heads, dtype=dtype)
+    energy_mask = torch.zeros(1, num_heads, dtype=dtype)
+    force_labels = torch.zeros(n, num_heads, 3, dtype=dtype)
+    forces_mask = torch.zeros(1, num_heads, dtype=dtype)
+    for h in range(num_heads):
+        if energies[h] is not None:
+            energy[0, h], energy_mask[0, h] = energies[h], 1.0
+        if forces[h] is not None:
+            force_labels[:, h] = torch.as_tensor(forces[h], dtype=dtype)
+            forces_mask[0, h] = 1.0
+    graph.mf_energy, graph.mf_energy_mask = energy, energy_mask
+    graph.mf_forces, graph.mf_forces_mask = force_labels, forces_mask
+    return graph
+
+
+def to_graph(
+    atoms: Atoms, labels: Labels, z_table: AtomicNumberTable, r_max: float, heads: list[str], dtype: torch.dtype
+) -> AtomicData:
+    """:func:`make_graph` of ASE atoms."""
+    return make_graph(
+        atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc, labels.energy, labels.forces,
+        z_table, r_max, heads, dtype,
+    )  # fmt: skip
+
+
+def masked(graph: AtomicData) -> AtomicData:
+    """A copy of ``graph`` with every label masked: it trains nothing, so a rank with no data can
+    step, and energy-only predictions skip the forces."""
+    clone = copy.copy(graph)
+    clone.mf_energy_mask = torch.zeros_like(graph.mf_energy_mask)
+    clone.mf_forces_mask = torch.zeros_like(graph.mf_forces_mask)
+    return clone
+
+
+@dataclass(frozen=True)
+class GraphRecipe:
+    """How a split's configurations become graphs: the model's elements, cutoff and dtype, the head
+    names, and each fidelity's forces key in the stores."""
+
+    z_table: AtomicNumberTable
+    r_max: float
+    heads: list[str]
+    dtype: torch.dtype
+    forces_keys: tuple[str | None, ...]
+
+
 class Split:
-    """One split (train/valid/test): graphs plus the label table used for E0 fits and metrics."""
+    """One split (train/valid/test): its label table and its graphs, kept or built on demand."""
 
-    name: str
-    fidelities: list[str]
-    atoms: list[Atoms]
-    graphs: list[AtomicData] = field(repr=False)
+    def __init__(self, name: str, table: LabelTable, recipe: GraphRecipe, keep: bool) -> None:
+        self.name = name
+        self.table = table
+        self.recipe = recipe
+        self.fidelities = list(recipe.heads)
+        self.graphs: list[AtomicData] | None = [self.build(i) for i in range(len(table))] if keep else None
 
     def __len__(self) -> int:
-        return len(self.graphs)
+        return len(self.table)
 
-    def energy_mask(self) -> np.ndarray:
-        """``[n_configs, H]`` bool: which configurations carry which fidelity's energy."""
-        if not self.graphs:
-            return np.zeros((0, len(self.fidelities)), dtype=bool)
-        return torch.cat([g.mf_energy_mask for g in self.graphs]).bool().numpy()
+    def build(self, i: int) -> AtomicData:
+        """The graph of position ``i``, read from the store."""
+        t, r = self.table, self.recipe
+        wanted = [key for h, key in enumerate(r.forces_keys) if key is not None and t.forces_mask[i, h]]
+        record = t.configs.record(int(t.rows[i]), (), wanted)
+        energies = [float(t.energies[i, h]) if t.energy_mask[i, h] else None for h in range(len(r.heads))]
+        forces = [
+            record.arrays[key] if key is not None and t.forces_mask[i, h] else None
+            for h, key in enumerate(r.forces_keys)
+        ]
+        return make_graph(
+            record.numbers, record.positions, record.cell, record.pbc, energies, forces,
+            r.z_table, r.r_max, r.heads, r.dtype,
+        )  # fmt: skip
+
+    def graph(self, i: int) -> AtomicData:
+        return self.graphs[i] if self.graphs is not None else self.build(i)
+
+    def subset(self, positions: np.ndarray, name: str | None = None) -> Split:
+        """The split of ``positions`` (kept graphs are shared, not rebuilt)."""
+        part = Split.__new__(Split)
+        part.name, part.recipe, part.fidelities = name or self.name, self.recipe, self.fidelities
+        part.table = self.table.take(positions)
+        part.graphs = [self.graphs[int(p)] for p in positions] if self.graphs is not None else None
+        return part
 
     def energies(self) -> np.ndarray:
-        if not self.graphs:
-            return np.zeros((0, len(self.fidelities)))
-        return torch.cat([g.mf_energy for g in self.graphs]).double().numpy()
+        return self.table.energies
+
+    def energy_mask(self) -> np.ndarray:
+        return self.table.energy_mask
+
+    def natoms(self) -> np.ndarray:
+        return self.table.n_atoms.astype(float)
 
     def counts(self, z_table: AtomicNumberTable) -> np.ndarray:
         """``[n_configs, n_elements]`` element counts in the model's element order."""
-        if not self.graphs:
-            return np.zeros((0, len(z_table.zs)))
-        return torch.stack([g.node_attrs.sum(0) for g in self.graphs]).double().numpy()
+        return self.table.configs.element_counts(self.table.rows, z_table.zs)
+
+    def atoms(self, i: int) -> Atoms:
+        return self.table.configs.atoms(int(self.table.rows[i]))
+
+    def forces(self, i: int, h: int) -> np.ndarray | None:
+        """Fidelity ``h``'s force labels of position ``i`` (None where it has none)."""
+        key = self.recipe.forces_keys[h]
+        if key is None or not self.table.forces_mask[i, h]:
+            return None
+        return self.table.configs.record(int(self.table.rows[i]), (), [key]).arrays[key]
 
     def label_variances(self) -> tuple[np.ndarray, np.ndarray]:
         """Per fidelity: variance of energy per atom left after a per-element linear fit
@@ -63,9 +183,9 @@ class Split:
         """
         n_heads = len(self.fidelities)
         e_var, f_var = np.full(n_heads, np.nan), np.full(n_heads, np.nan)
-        if not self.graphs:
+        if not len(self):
             return e_var, f_var
-        counts = torch.stack([g.node_attrs.sum(0) for g in self.graphs]).double().numpy()
+        counts = self.counts(self.recipe.z_table)
         labels, e_mask = self.energies(), self.energy_mask()
         natoms = counts.sum(1)
         for h in range(n_heads):
@@ -73,59 +193,89 @@ class Split:
             if sel.sum() > 1:
                 coef, *_ = np.linalg.lstsq(counts[sel], labels[sel, h], rcond=None)
                 e_var[h] = float(np.var((labels[sel, h] - counts[sel] @ coef) / natoms[sel]))
-            forces = [g.mf_forces[:, h] for g in self.graphs if bool(g.mf_forces_mask[0, h])]
-            if forces:
-                f_var[h] = float(torch.cat(forces).double().square().mean())
+            squares, components = 0.0, 0
+            for i in np.flatnonzero(self.table.forces_mask[:, h]):
+                forces = self.forces(int(i), h)
+                squares += float(np.square(forces).sum())
+                components += forces.size
+            if components:
+                f_var[h] = squares / components
         return e_var, f_var
 
-    def loader(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
-        """Batches in file order, or in a permutation fixed by ``seed`` (e.g. seed and epoch)."""
-        order: Sequence[int] = range(len(self.graphs))
-        if shuffle:
-            order = torch.randperm(len(self.graphs), generator=torch.Generator().manual_seed(seed)).tolist()
-        return DataLoader([self.graphs[i] for i in order], batch_size=batch_size, shuffle=False, drop_last=False)
+    def loader(
+        self,
+        batch_size: int,
+        shuffle: bool = False,
+        seed: int = 0,
+        workers: int = 0,
+        steps: int | None = None,
+        shard: tuple[int, int] = (0, 1),
+        pin_memory: bool = False,
+    ) -> DataLoader:
+        """Batches in file order, or in a permutation fixed by ``seed`` (e.g. seed and epoch); at most
+        ``steps`` of them; ``shard`` ``(rank, world)`` takes this rank's contiguous share of each
+        batch. Graphs not kept are built by ``workers`` processes (0: this one)."""
+        sampler = Batches(len(self), batch_size, shuffle, seed, steps, shard)
+        dataset = _Graphs(self)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=Batch.from_data_list,
+            num_workers=0 if self.graphs is not None else workers,
+            pin_memory=pin_memory,
+            prefetch_factor=4 if workers and self.graphs is None else None,
+        )
 
 
-def to_graph(
-    atoms: Atoms, labels: Labels, z_table: AtomicNumberTable, r_max: float, heads: list[str], dtype: torch.dtype
-) -> AtomicData:
-    """One configuration as a graph with label tensors and masks attached."""
-    config = Configuration(
-        atomic_numbers=atoms.numbers.copy(),
-        positions=atoms.positions.copy(),
-        properties={},
-        property_weights={},
-        cell=np.asarray(atoms.cell.array),
-        pbc=tuple(bool(p) for p in atoms.pbc),
-        head=heads[0],
-    )
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        graph = AtomicData.from_config(config, z_table=z_table, cutoff=r_max, heads=heads)
-    finally:
-        torch.set_default_dtype(previous)
-    num_heads, n = len(heads), len(atoms)
-    energy = torch.zeros(1, num_heads, dtype=dtype)
-    energy_mask = torch.zeros(1, num_heads, dtype=dtype)
-    forces = torch.zeros(n, num_heads, 3, dtype=dtype)
-    forces_mask = torch.zeros(1, num_heads, dtype=dtype)
-    for h in range(num_heads):
-        if labels.energy[h] is not None:
-            energy[0, h], energy_mask[0, h] = labels.energy[h], 1.0
-        if labels.forces[h] is not None:
-            forces[:, h] = torch.as_tensor(labels.forces[h], dtype=dtype)
-            forces_mask[0, h] = 1.0
-    graph.mf_energy, graph.mf_energy_mask = energy, energy_mask
-    graph.mf_forces, graph.mf_forces_mask = forces, forces_mask
-    return graph
+class _Graphs(Dataset):
+    """A split's graphs by position; ``-(p + 1)`` is position ``p``'s graph with every label masked
+    (the padding a rank with an empty share of a batch trains on)."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> AtomicData:
+        return masked(self.split.graph(-i - 1)) if i < 0 else self.split.graph(i)
 
 
-def make_split(
-    name: str, frames: list[Frame], heads: list[str], z_table: AtomicNumberTable, r_max: float, dtype: torch.dtype
-) -> Split:
-    graphs = [to_graph(f.atoms, f.labels, z_table, r_max, heads, dtype) for f in frames]
-    return Split(name, heads, [f.atoms for f in frames], graphs)
+class Batches(Sampler[list[int]]):
+    """Positions batch by batch: in order, or the permutation ``torch.randperm(n, seed)``; each batch
+    cut to this rank's contiguous share (sizes differing by at most one) when ``world`` > 1; the
+    first ``steps`` batches only, when given."""
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        steps: int | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
+        self.n, self.batch_size, self.shuffle, self.seed, self.steps = n, batch_size, shuffle, seed, steps
+        self.rank, self.world = shard
+
+    def __len__(self) -> int:
+        batches = -(-self.n // self.batch_size)
+        return batches if self.steps is None else min(batches, self.steps)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).numpy()
+        else:
+            order = np.arange(self.n)
+        for step in range(len(self)):
+            batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            if self.world > 1:
+                base, extra = divmod(len(batch), self.world)
+                start = self.rank * base + min(self.rank, extra)
+                mine = batch[start : start + base + (1 if self.rank < extra else 0)]
+                yield [int(i) for i in mine] if len(mine) else [-int(batch[0]) - 1]
+            else:
+                yield [int(i) for i in batch]
 
 
 def graphs_for_model(frames: Sequence[Atoms], model: torch.nn.Module, n_heads: int) -> list[AtomicData]:

@@ -36,7 +36,8 @@ import numpy as np
 from ase import Atoms
 
 from mace_mf.config.schema import FidelitySpec
-from mace_mf.data.read import Labels, check_geometry, read_atoms, read_labels
+from mace_mf.data.read import Labels, read_atoms, read_labels
+from mace_mf.data.store import check_geometry
 from mace_mf.errors import DataError, RunError
 from mace_mf.files import atomic_write_xyz
 

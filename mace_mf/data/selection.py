@@ -41,7 +41,8 @@ from mace.tools.torch_geometric import DataLoader
 from scipy.cluster.vq import kmeans2, vq
 
 from mace_mf.data.graphs import batch_dict, graphs_for_model
-from mace_mf.data.read import check_geometry, read_atoms
+from mace_mf.data.read import read_atoms
+from mace_mf.data.store import check_geometry
 from mace_mf.errors import DataError, RunError
 from mace_mf.files import atomic_write_xyz
 from mace_mf.model.forward import fidelity_energies, fidelity_forces, node_features

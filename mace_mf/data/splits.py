@@ -1,8 +1,10 @@
-"""Which geometries and labels a recipe trains, selects and scores on: reading, holding out,
-label subsets and the graphs built once per run.
+"""Which configurations and labels a recipe trains, selects and scores on: stores opened, validation
+and test held out, label subsets chosen, and each split's graphs set up for the run.
 
-:func:`select_frames` is the one definition of a recipe's data; the upstream comparison arm writes
-its files from it, so both tools see the same configurations and labels.
+:func:`select_data` is the one definition of a recipe's data; the upstream comparison arm writes its
+files from it, so both tools see the same configurations and labels. Everything here works on row
+indices and label tables, never on every configuration at once: the same code serves ten geometries
+and a million.
 """
 
 from __future__ import annotations
@@ -10,52 +12,40 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from mace.tools import AtomicNumberTable
 
-from mace_mf.config.schema import FidelitySpec, Recipe
-from mace_mf.data.graphs import Split, make_split
+from mace_mf.config.schema import Recipe
+from mace_mf.data.graphs import GRAPH_BYTES_PER_ATOM, KEEP_GRAPHS_BYTES, GraphRecipe, Split
 from mace_mf.data.pairs import Pairs, read_pairs
-from mace_mf.data.read import Frame, check_declared_keys, read_frames
 from mace_mf.data.selection import select
+from mace_mf.data.store import cache_root, open_configurations
+from mace_mf.data.table import LabelTable, check_declared_keys, label_table
 from mace_mf.errors import RecipeError
 from mace_mf.model.foundation import FoundationInfo, check_elements
 
 log = logging.getLogger(__name__)
 
-Chooser = Callable[[int, list[int], int], Sequence[int]]
+# choose(fidelity index, positions of the labelled training configurations, how many to keep)
+Chooser = Callable[[int, np.ndarray, int], Sequence[int]]
 
 
-def subsample_labels(
-    frames: list[Frame], specs: dict[str, FidelitySpec], seed: int, choose: Chooser | None = None
-) -> None:
-    """Keep each fidelity's labels on only its ``label_fraction`` of the frames: a seeded random
-    draw, or ``choose(fidelity index, labelled frame indices, count)`` for its ``label_selection``."""
-    for h, spec in enumerate(specs.values()):
-        if spec.label_fraction >= 1.0:
-            continue
-        labelled = [i for i, f in enumerate(frames) if f.labels.energy[h] is not None or f.labels.forces[h] is not None]
-        keep_n = max(1, round(spec.label_fraction * len(labelled)))
-        if spec.label_selection != "random" and choose is not None:
-            keep = set(choose(h, labelled, keep_n))
-        else:
-            rng = np.random.default_rng([seed, h, 7919])
-            keep = set(rng.choice(labelled, size=keep_n, replace=False).tolist())
-        for i in labelled:
-            if i not in keep:
-                frames[i].labels.energy[h] = None
-                frames[i].labels.forces[h] = None
+@dataclass
+class Selected:
+    """A recipe's configurations: the label tables of its train, valid and (optional) test splits."""
 
+    train: LabelTable
+    valid: LabelTable
+    test: LabelTable | None
 
-def split_off(frames: list[Frame], count: int, seed: int, salt: int) -> tuple[list[Frame], list[Frame]]:
-    """Hold out ``count`` of ``frames`` with a seeded permutation: (kept, held_out)."""
-    if count <= 0:
-        return frames, []
-    order = np.random.default_rng([seed, salt]).permutation(len(frames))
-    held = set(order[:count].tolist())
-    return [f for i, f in enumerate(frames) if i not in held], [f for i, f in enumerate(frames) if i in held]
+    def tables(self) -> dict[str, LabelTable]:
+        named = {"train": self.train, "valid": self.valid}
+        if self.test is not None:
+            named["test"] = self.test
+        return named
 
 
 @dataclass
@@ -72,59 +62,93 @@ class Splits:
         return result
 
 
-Frames = tuple[list[Frame], list[Frame], list[Frame] | None]
+def split_off(n: int, count: int, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out ``count`` of ``n`` positions with a seeded permutation: (kept, held out), each in
+    their original order."""
+    if count <= 0:
+        return np.arange(n), np.arange(0)
+    order = np.random.default_rng([seed, salt]).permutation(n)
+    held = np.zeros(n, dtype=bool)
+    held[order[:count]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def select_frames(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Module | None = None) -> Frames:
-    """Read, check and split the data into (train, valid, test) frames, label subsets applied.
+def subsample_labels(table: LabelTable, recipe: Recipe, choose: Chooser | None = None) -> None:
+    """Keep each fidelity's labels on only its ``label_fraction`` of the configurations that carry
+    them: a seeded random draw, or ``choose`` for its ``label_selection``."""
+    for h, spec in enumerate(recipe.fidelities.values()):
+        if spec.label_fraction >= 1.0:
+            continue
+        labelled = table.labelled(h)
+        keep_n = max(1, round(spec.label_fraction * len(labelled)))
+        if spec.label_selection != "random" and choose is not None:
+            keep = np.asarray(list(choose(h, labelled, keep_n)), dtype=np.int64)
+        else:
+            rng = np.random.default_rng([recipe.seed, h, 7919])
+            keep = rng.choice(labelled, size=keep_n, replace=False)
+        table.drop(h, np.setdiff1d(labelled, keep))
 
-    The one definition of which geometries and labels a recipe trains, selects and scores on;
-    the upstream comparison arm (mace_mf.workflows.upstream) writes its files from it. ``foundation`` (its
-    starting head) chooses the geometries of a ``label_selection`` other than ``random``.
+
+def _store_cache(recipe: Recipe) -> Path:
+    return cache_root(recipe.data.store_cache)
+
+
+def select_data(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Module | None = None) -> Selected:
+    """Open, check and split the data into train, valid and test label tables, label subsets applied.
+
+    ``foundation`` (its starting head) chooses the geometries of a ``label_selection`` other than
+    ``random``. Fractions are of the whole training file, so test and valid sizes do not depend on
+    each other.
     """
-    specs = recipe.fidelities
-    d = recipe.data
-    train = read_frames(d.train, specs, d.format)
-    # Fractions are of the whole training file, so test and valid sizes do not depend on each other.
+    specs, d = recipe.fidelities, recipe.data
+    cache, workers = _store_cache(recipe), d.preprocess_workers
+    configs = {"train": open_configurations(d.train, d.format, cache, workers)}
+    train = label_table(configs["train"], specs)
     total = len(train)
-    test: list[Frame] | None = None
+    test: LabelTable | None = None
     if d.test is not None:
-        test = read_frames(d.test, specs, d.format)
+        configs["test"] = open_configurations(d.test, d.format, cache, workers)
+        test = label_table(configs["test"], specs)
     elif d.test_fraction > 0:
-        train, test = split_off(train, max(1, round(d.test_fraction * total)), recipe.seed, salt=2)
+        kept, held = split_off(len(train), max(1, round(d.test_fraction * total)), recipe.seed, salt=2)
+        train, test = train.take(kept), train.take(held)
     if d.valid is not None:
-        valid = read_frames(d.valid, specs, d.format)
+        configs["valid"] = open_configurations(d.valid, d.format, cache, workers)
+        valid = label_table(configs["valid"], specs)
     else:
         if d.valid_fraction <= 0:
             raise RecipeError("data.valid: no validation file and data.valid_fraction is 0; give one of them")
-        train, valid = split_off(train, max(1, round(d.valid_fraction * total)), recipe.seed, salt=1)
-    if not train:
+        kept, held = split_off(len(train), max(1, round(d.valid_fraction * total)), recipe.seed, salt=1)
+        train, valid = train.take(kept), train.take(held)
+    if not len(train):
         raise RecipeError("data: valid_fraction + test_fraction leave no training configurations; lower them")
-    check_declared_keys(train, specs, "data.train", [*valid, *(test or [])])
+    check_declared_keys(train, specs, "data.train", [valid, *([test] if test is not None else [])])
     if d.max_train is not None and len(train) > d.max_train:
-        train, _ = split_off(train, len(train) - d.max_train, recipe.seed, salt=3)
-    for name, frames in (("data.train", train), ("data.valid", valid), ("data.test", test or [])):
-        zs = {int(z) for f in frames for z in f.atoms.numbers}
-        check_elements(info, zs, name)
-    subsample_labels(train, specs, recipe.seed, label_chooser(recipe, train, foundation))
-    target = recipe.target
-    t = list(specs).index(target)
-    if not any(f.labels.energy[t] is not None or f.labels.forces[t] is not None for f in valid):
+        kept, _ = split_off(len(train), len(train) - d.max_train, recipe.seed, salt=3)
+        train = train.take(kept)
+    for name, found in configs.items():
+        check_elements(info, found.elements, f"data.{name}")
+    subsample_labels(train, recipe, label_chooser(recipe, train, foundation))
+    t = list(specs).index(recipe.target)
+    if not len(valid.labelled(t)):
         raise RecipeError(
-            f"training.target: fidelity {target!r} has no labels in the validation data; "
+            f"training.target: fidelity {recipe.target!r} has no labels in the validation data; "
             "label it there or choose another target"
         )
-    return train, valid, test
+    return Selected(train, valid, test)
 
 
-def label_chooser(recipe: Recipe, train: list[Frame], model: torch.nn.Module | None) -> Chooser | None:
-    """The chooser of mace_mf.data.selection for ``label_selection`` (fps, kmeans, disagreement) with ``model``."""
+def label_chooser(recipe: Recipe, train: LabelTable, model: torch.nn.Module | None) -> Chooser | None:
+    """The chooser of :mod:`mace_mf.data.selection` for ``label_selection`` (fps, kmeans,
+    disagreement) with ``model``; it reads the labelled geometries it chooses from."""
     if model is None:
         return None
     names = list(recipe.fidelities)
 
-    def choose(h: int, labelled: list[int], count: int) -> list[int]:
+    def choose(h: int, labelled: np.ndarray, count: int) -> list[int]:
         spec = recipe.fidelities[names[h]]
+        configs = train.configs
+        atoms = [configs.atoms(int(train.rows[p])) for p in labelled]
         low_forces = None
         if spec.label_selection == "disagreement":
             low = spec.base or next((n for n in names if n != names[h] and recipe.fidelities[n].forces_key), None)
@@ -132,29 +156,74 @@ def label_chooser(recipe: Recipe, train: list[Frame], model: torch.nn.Module | N
                 raise RecipeError(
                     f"fidelities.{names[h]}.label_selection: disagreement needs a base fidelity with forces"
                 )
-            low_forces = [train[i].labels.forces[names.index(low)] for i in labelled]
-        atoms = [train[i].atoms for i in labelled]
+            key, low_h = recipe.fidelities[low].forces_key, names.index(low)
+            low_forces = [
+                configs.record(int(train.rows[p]), (), [key]).arrays[key] if train.forces_mask[p, low_h] else None
+                for p in labelled
+            ]
         picked = select(atoms, count, spec.label_selection, recipe.seed, model, low_forces)
         log.info(
             "fidelities.%s: %s chose %d of %d training geometries", names[h], spec.label_selection, count, len(labelled)
         )
-        return [labelled[i] for i in picked]
+        return [int(labelled[i]) for i in picked]
 
     return choose
 
 
-def data_elements(info: FoundationInfo, frames: Frames) -> tuple[int, ...]:
+def data_elements(info: FoundationInfo, selected: Selected) -> tuple[int, ...]:
     """The foundation's elements that occur in any split, in the foundation's order."""
-    seen = {int(z) for split in frames if split for f in split for z in f.atoms.numbers}
+    seen: set[int] = set()
+    for table in selected.tables().values():
+        if len(table) == len(table.configs):  # every configuration of the files: their elements
+            seen |= table.configs.elements
+        else:  # a subset (held out, or max_train): the elements of its own rows
+            counts = table.configs.element_counts(table.rows, list(info.atomic_numbers))
+            seen |= {z for z, used in zip(info.atomic_numbers, counts.sum(0) > 0, strict=True) if used}
     return tuple(z for z in info.atomic_numbers if z in seen)
 
 
-def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype, frames: Frames | None = None) -> Splits:
-    """Read, check and split the data (unless ``frames`` are given); build graphs once for the run."""
+def statistics_sample(split: Split, recipe: Recipe, purpose: str) -> Split:
+    """``split``, or a seeded sample of ``data.statistics_sample`` of its configurations (in their
+    order) where it holds more: what the E0 fit, the label variances and the training metrics read."""
+    size = recipe.data.statistics_sample
+    if size is None or len(split) <= size:
+        return split
+    positions = np.sort(np.random.default_rng([recipe.seed, 5381]).choice(len(split), size=size, replace=False))
+    log.info(
+        "data.statistics_sample: %s reads %d of %d %s configurations (seeded)", purpose, size, len(split), split.name
+    )
+    return split.subset(positions)
+
+
+def keep_graphs(recipe: Recipe, table: LabelTable) -> bool:
+    """``data.keep_graphs``: hold a split's graphs in memory (``auto``: when they fit in 2 GiB)."""
+    setting = recipe.data.keep_graphs
+    if setting != "auto":
+        return bool(setting)
+    return int(table.n_atoms.sum()) * GRAPH_BYTES_PER_ATOM < KEEP_GRAPHS_BYTES
+
+
+def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype, selected: Selected | None = None) -> Splits:
+    """The run's splits (selecting the data unless ``selected`` is given) and validation pairs."""
     specs = recipe.fidelities
-    train, valid, test = frames or select_frames(recipe, info)
-    z_table = AtomicNumberTable(list(info.atomic_numbers))
-    heads = list(specs)
+    selected = selected or select_data(recipe, info)
+    graph_recipe = GraphRecipe(
+        AtomicNumberTable(list(info.atomic_numbers)),
+        info.r_max,
+        list(specs),
+        dtype,
+        tuple(spec.forces_key for spec in specs.values()),
+    )
+    splits = {
+        name: Split(name, table, graph_recipe, keep_graphs(recipe, table)) for name, table in selected.tables().items()
+    }
+    for name, split in splits.items():
+        log.info(
+            "data.%s: %d configurations, graphs %s",
+            name,
+            len(split),
+            "kept in memory" if split.graphs is not None else "built from the store as batches need them",
+        )
     pairs = None
     if recipe.data.valid_pairs is not None:
         pairs = read_pairs(recipe.data.valid_pairs, specs, recipe.data.format)
@@ -165,9 +234,4 @@ def load_splits(recipe: Recipe, info: FoundationInfo, dtype: torch.dtype, frames
                 f"data.valid_pairs: no pair carries energies of a fidelity ({keys}) on both halves; "
                 "label them with mace-mf label --energies-only"
             )
-    return Splits(
-        make_split("train", train, heads, z_table, info.r_max, dtype),
-        make_split("valid", valid, heads, z_table, info.r_max, dtype),
-        make_split("test", test, heads, z_table, info.r_max, dtype) if test else None,
-        pairs,
-    )
+    return Splits(splits["train"], splits["valid"], splits.get("test"), pairs)

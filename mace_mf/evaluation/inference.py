@@ -1,4 +1,4 @@
-"""Evaluating stock MACE model files (ours or anyone's) on labelled data.
+"""Evaluating stock MACE model files (ours or anyone's) on labelled data (files or stores, streamed).
 
 A run folder stands for its ``models/multihead.model`` and its recipe's label keys; a bare model
 file needs the keys, given as templates with ``{head}`` (``{head}_energy`` by default).
@@ -14,9 +14,10 @@ import yaml
 from mace.tools import AtomicNumberTable
 
 from mace_mf.config.schema import FidelitySpec
-from mace_mf.data.graphs import make_split
+from mace_mf.data.graphs import GraphRecipe, Split
 from mace_mf.data.pairs import read_pairs
-from mace_mf.data.read import read_frames
+from mace_mf.data.store import cache_root, open_configurations
+from mace_mf.data.table import label_table
 from mace_mf.errors import DataError
 from mace_mf.evaluation.metrics import compute_metrics
 from mace_mf.evaluation.pairs import score_pairs
@@ -56,10 +57,14 @@ def evaluate_model_file(
         or FidelitySpec(energy_key=energy_key.format(head=name), forces_key=forces_key.format(head=name))
         for name in chosen
     }
-    frames = read_frames(data, specs, None)
-    check_elements(info, {int(z) for f in frames for z in f.atoms.numbers}, ", ".join(data))
-    z_table = AtomicNumberTable(list(info.atomic_numbers))
-    split = make_split("data", frames, chosen, z_table, info.r_max, torch.float64)
+    configs = open_configurations(data, None, cache_root(None))
+    check_elements(info, configs.elements, ", ".join(data))
+    table = label_table(configs, specs)
+    graphs = GraphRecipe(
+        AtomicNumberTable(list(info.atomic_numbers)), info.r_max, chosen, torch.float64,
+        tuple(s.forces_key for s in specs.values()),
+    )  # fmt: skip
+    split = Split("data", table, graphs, keep=False)
     columns = [names.index(n) for n in chosen]
     metrics = compute_metrics(split, predict(model, split, columns, batch_size, torch.device("cpu")))
     if pairs:

@@ -38,7 +38,8 @@ from ase.md.verlet import VelocityVerlet
 from ase.neighborlist import neighbor_list
 
 from mace_mf.config.schema import MDOptions
-from mace_mf.data.read import check_geometry, read_atoms
+from mace_mf.data.read import read_atoms
+from mace_mf.data.store import check_geometry
 from mace_mf.errors import DataError
 from mace_mf.files import atomic_write_text
 from mace_mf.model.foundation import load_model_file

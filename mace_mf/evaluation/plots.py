@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from mace_mf.data.graphs import Split
-from mace_mf.evaluation.predict import Predictions
+from mace_mf.evaluation.predict import PLOT_CONFIGS, Predictions
 
 
 def parity_plot(split: Split, pred: Predictions, fidelity: int, path: Path) -> bool:
@@ -18,13 +18,10 @@ def parity_plot(split: Split, pred: Predictions, fidelity: int, path: Path) -> b
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    natoms = np.array([len(a) for a in split.atoms], dtype=float)
-    sel = split.energy_mask()[:, fidelity]
-    forces = [
-        (p, g.mf_forces[:, fidelity].double().numpy())
-        for p, g in zip(pred.forces[fidelity], split.graphs, strict=True)
-        if p is not None
-    ]
+    natoms = split.natoms()
+    sel = split.energy_mask()[:, fidelity].copy()
+    sel[np.flatnonzero(sel)[PLOT_CONFIGS:]] = False  # the first configurations, as for the forces
+    forces = [(p, r) for _, p, r in pred.forces[fidelity]]
     if not sel.any() and not forces:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.2))
@@ -32,7 +29,8 @@ def parity_plot(split: Split, pred: Predictions, fidelity: int, path: Path) -> b
     if sel.any():
         # Total energies are dominated by composition; remove a per-element linear baseline fitted
         # to the reference (the same for both axes) so the plot shows what the model has to learn.
-        counts = np.array([np.bincount(a.numbers, minlength=119) for a in split.atoms], dtype=float)[sel]
+        zs = sorted(split.table.configs.elements)
+        counts = split.table.configs.element_counts(split.table.rows[sel], zs)
         ref_total = split.energies()[sel, fidelity]
         baseline = counts @ np.linalg.lstsq(counts, ref_total, rcond=None)[0]
         ref = (ref_total - baseline) / natoms[sel]
@@ -46,7 +44,8 @@ def parity_plot(split: Split, pred: Predictions, fidelity: int, path: Path) -> b
         _parity(axes[1], ref, out, "force component (eV/Å)", (out - ref) * 1000.0, "meV/Å")
     else:
         axes[1].set_axis_off()
-    fig.suptitle(f"{name} — {split.name} ({len(split)} configurations)")
+    shown = "" if len(split) <= PLOT_CONFIGS else f", the first {PLOT_CONFIGS} labelled shown"
+    fig.suptitle(f"{name} — {split.name} ({len(split)} configurations{shown})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

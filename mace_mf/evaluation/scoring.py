@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from mace_mf.config.schema import Recipe
-from mace_mf.data.splits import Splits
+from mace_mf.data.splits import Splits, statistics_sample
 from mace_mf.evaluation.metrics import compute_metrics
 from mace_mf.evaluation.pairs import score_pairs
 from mace_mf.evaluation.plots import parity_plot
@@ -29,9 +29,12 @@ def evaluate_all(
     """Metrics of every split (and of the validation pairs, into ``valid``); parity plots into
     ``plots`` and the per-pair errors into ``pair_errors`` when given."""
     heads = list(range(len(recipe.fidelities)))
+    t = recipe.training
     metrics: dict[str, Any] = {}
     for name, split in splits.named().items():
-        pred = predict(model, split, heads, recipe.training.eval_batch_size, device)
+        if name == "train":  # what the training set's errors say needs no full pass over a million
+            split = statistics_sample(split, recipe, "the training metrics")
+        pred = predict(model, split, heads, t.eval_batch_size, device, t.num_workers)
         metrics[name] = compute_metrics(split, pred)
         if plots is not None and name != "train":
             for h, fidelity in enumerate(recipe.fidelities):

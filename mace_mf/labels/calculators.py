@@ -19,7 +19,6 @@ which configuration before it, so results are bit-identical whatever the worker 
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import re
@@ -34,6 +33,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from mace_mf.errors import LabelError
+from mace_mf.files import file_sha256
 from mace_mf.labels.charge import charge_and_multiplicity
 
 TBLITE_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB", "ipea1-xtb": "IPEA1-xTB"}
@@ -66,14 +66,6 @@ class CalculatorSpec:
         if not self.kwargs:
             return self.text
         return f"{self.text} {json.dumps(self.kwargs, sort_keys=True, default=str)}"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def parse_calc_kwargs(items: list[str] | None) -> dict[str, Any]:

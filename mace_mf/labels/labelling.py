@@ -39,11 +39,10 @@ import numpy as np
 from ase import Atoms
 
 from mace_mf.errors import LabelError
-from mace_mf.files import atomic_write_text, atomic_write_xyz
+from mace_mf.files import atomic_write_text, atomic_write_xyz, file_sha256
 from mace_mf.labels.calculators import (
     CalculatorSpec,
     check_calculator,
-    file_sha256,
     init_worker,
     label_chunk,
     one_line,

@@ -25,7 +25,6 @@ gloo is the backend on CPU and nccl on CUDA (device ``cuda:LOCAL_RANK``).
 
 from __future__ import annotations
 
-import copy
 import datetime
 import logging
 import os
@@ -34,13 +33,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as tdist
-from mace.data import AtomicData
 
 from mace_mf.errors import RecipeError, RunError
-from mace_mf.evaluation.predict import Predictions
 
 log = logging.getLogger(__name__)
 
@@ -184,35 +180,3 @@ def local_batch_size(batch_size: int, dist: Dist) -> int:
             f"{dist.world_size} processes; make it a multiple of {dist.world_size} (it is the global batch)"
         )
     return batch_size // dist.world_size
-
-
-def padding_graph(graph: AtomicData) -> AtomicData:
-    """A copy of ``graph`` with every label masked: it trains nothing, so a rank with no data can step."""
-    clone = copy.copy(graph)
-    clone.mf_energy_mask = torch.zeros_like(graph.mf_energy_mask)
-    clone.mf_forces_mask = torch.zeros_like(graph.mf_forces_mask)
-    return clone
-
-
-def rank_batches(graphs: list[AtomicData], batch_size: int, seed: int, dist: Dist) -> list[list[AtomicData]]:
-    """This rank's share of each global batch of the ``seed`` permutation (as ``Split.loader`` draws it).
-
-    Every rank gets the same number of steps; a rank whose share of a short last batch is empty
-    gets a :func:`padding_graph`.
-    """
-    local_batch_size(batch_size, dist)
-    order = torch.randperm(len(graphs), generator=torch.Generator().manual_seed(seed)).tolist()
-    result = []
-    for first in range(0, len(order), batch_size):
-        chunk = order[first : first + batch_size]
-        start, stop = shard_bounds(len(chunk), dist)
-        mine = [graphs[i] for i in chunk[start:stop]]
-        result.append(mine or [padding_graph(graphs[chunk[0]])])
-    return result
-
-
-def concatenate_predictions(parts: list[Predictions]) -> Predictions:
-    """One split's predictions from its shards' predictions, in rank order."""
-    energies = np.concatenate([p.energies for p in parts])
-    forces = [[f for p in parts for f in p.forces[h]] for h in range(len(parts[0].forces))]
-    return Predictions(energies, forces)

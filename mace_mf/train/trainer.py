@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from mace.data import AtomicData
-from mace.tools.torch_geometric import Batch, DataLoader
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.utils.data import DataLoader
 
 from mace_mf.config.schema import Recipe
 from mace_mf.data.graphs import Split, batch_dict
+from mace_mf.data.splits import statistics_sample
 from mace_mf.errors import RunError
 from mace_mf.evaluation.metrics import compute_metrics
-from mace_mf.evaluation.predict import predict
+from mace_mf.evaluation.predict import merge_predictions, predict
 from mace_mf.model.coupling import HeadCoupling, coupling_penalty, couplings
 from mace_mf.model.forward import fidelity_energies, fidelity_forces
 from mace_mf.train.checkpoint import Checkpoints
@@ -40,8 +40,6 @@ from mace_mf.train.distributed import (
     Dist,
     all_gather,
     all_reduce_sum,
-    concatenate_predictions,
-    rank_batches,
     shard_bounds,
 )
 from mace_mf.train.loss import Weights, multi_fidelity_loss, term_counts, term_keys
@@ -141,7 +139,7 @@ class Trainer:
         names = list(recipe.fidelities)
         e_scale, f_scale = np.ones(len(specs)), np.ones(len(specs))
         if t.normalise_weights:
-            e_var, f_var = train.label_variances()
+            e_var, f_var = statistics_sample(train, recipe, "the label variances").label_variances()
             e_scale = 1.0 / np.maximum(np.nan_to_num(e_var, nan=1.0), 1e-12)
             f_scale = 1.0 / np.maximum(np.nan_to_num(f_var, nan=1.0), 1e-12)
             log.info(
@@ -239,14 +237,18 @@ class Trainer:
             self._ddp_trainable = trainable
         return self._ddp
 
-    def _batches(self, epoch: int) -> DataLoader | list[list[AtomicData]]:
-        """This process's batches of ``epoch``: the whole batches, or this rank's shard of each
-        (graph lists, collated as they are used)."""
+    def _batches(self, epoch: int) -> DataLoader:
+        """This process's batches of ``epoch``: the whole batches, or this rank's share of each."""
         t = self.recipe.training
-        seed = self.recipe.seed * 100_003 + epoch
-        if not self.dist.enabled:
-            return self.train.loader(t.batch_size, shuffle=True, seed=seed)
-        return rank_batches(self.train.graphs, t.batch_size, seed, self.dist)
+        return self.train.loader(
+            t.batch_size,
+            shuffle=True,
+            seed=self.recipe.seed * 100_003 + epoch,
+            workers=t.num_workers,
+            steps=t.steps_per_epoch,
+            shard=(self.dist.rank, self.dist.world_size),
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _reduce_step(
         self, loss: torch.Tensor, terms: dict[str, torch.Tensor], penalty: torch.Tensor | None
@@ -278,9 +280,7 @@ class Trainer:
         sums: dict[str, float] = {}
         total_loss, n_batches = 0.0, 0
         for index, batch in enumerate(loader):
-            if isinstance(batch, list):
-                batch = Batch.from_data_list(batch)
-            data = batch_dict(batch.to(self.device))
+            data = batch_dict(batch.to(self.device, non_blocking=True))
             # Every term's denominator is the whole batch's label count (summed over ranks; in one
             # process, this batch's own count).
             reduced = all_reduce_sum(self.dist, term_counts(data, self.weights))
@@ -339,14 +339,15 @@ class Trainer:
         part = split
         if self.dist.enabled:
             start, stop = shard_bounds(len(split), self.dist)
-            part = Split(split.name, split.fidelities, split.atoms[start:stop], split.graphs[start:stop])
+            part = split.subset(np.arange(start, stop))
+        t = self.recipe.training
         if self.ema is not None:
             with self.ema.average_parameters():
-                pred = predict(self.model, part, self.heads, self.recipe.training.eval_batch_size, self.device)
+                pred = predict(self.model, part, self.heads, t.eval_batch_size, self.device, t.num_workers)
         else:
-            pred = predict(self.model, part, self.heads, self.recipe.training.eval_batch_size, self.device)
+            pred = predict(self.model, part, self.heads, t.eval_batch_size, self.device, t.num_workers)
         if self.dist.enabled:
-            pred = concatenate_predictions(all_gather(self.dist, pred))
+            pred = merge_predictions(all_gather(self.dist, pred))
         return compute_metrics(split, pred)
 
     def _averaged_state(self) -> dict[str, torch.Tensor]:

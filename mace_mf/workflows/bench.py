@@ -40,7 +40,8 @@ import numpy as np
 
 from mace_mf.config.loading import load_recipe
 from mace_mf.config.schema import Recipe
-from mace_mf.data.read import read_frames
+from mace_mf.data.store import cache_root, open_configurations
+from mace_mf.data.table import label_table
 from mace_mf.errors import RecipeError, RunError
 from mace_mf.evaluation.pairs import paired_preference, weighted_rmse
 from mace_mf.files import atomic_write_text
@@ -256,15 +257,24 @@ def label_gap(recipe: Recipe, low: str, high: str) -> dict[str, dict[str, float]
         paths = getattr(data_recipe.data, split)
         if paths is None:
             continue
-        frames = read_frames(paths, recipe.fidelities, recipe.data.format)
-        pairs = [(f.labels.forces[lo], f.labels.forces[hi]) for f in frames]
-        diffs = [a - b for a, b in pairs if a is not None and b is not None]
-        if diffs:
-            d = np.concatenate(diffs)
+        configs = open_configurations(paths, recipe.data.format, cache_root(recipe.data.store_cache))
+        table = label_table(configs, recipe.fidelities)
+        keys = [recipe.fidelities[low].forces_key, recipe.fidelities[high].forces_key]
+        both = np.flatnonzero(table.forces_mask[:, lo] & table.forces_mask[:, hi])
+        squares, absolutes, components = 0.0, 0.0, 0
+        for row in table.rows[both]:  # streamed: one configuration's forces at a time
+            record = configs.record(int(row), (), keys)
+            d = record.arrays[keys[0]] - record.arrays[keys[1]]
+            squares, absolutes, components = (
+                squares + float((d**2).sum()),
+                absolutes + float(np.abs(d).sum()),
+                components + d.size,
+            )
+        if components:
             gaps[split] = {
-                "f_rmse_meV_A": float(np.sqrt(np.mean(d**2)) * 1000.0),
-                "f_mae_meV_A": float(np.mean(np.abs(d)) * 1000.0),
-                "configs": len(diffs),
+                "f_rmse_meV_A": float(np.sqrt(squares / components) * 1000.0),
+                "f_mae_meV_A": float(absolutes / components * 1000.0),
+                "configs": len(both),
             }
     return gaps
 

@@ -7,7 +7,6 @@ the speed benchmark calls its steps one by one to time them.
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,7 +21,7 @@ from mace.tools import AtomicNumberTable
 
 from mace_mf.config.schema import Recipe
 from mace_mf.data.graphs import Split
-from mace_mf.data.splits import Splits, data_elements, load_splits, select_frames
+from mace_mf.data.splits import Splits, data_elements, load_splits, select_data, statistics_sample
 from mace_mf.errors import RecipeError
 from mace_mf.evaluation.predict import predict
 from mace_mf.labels.labelling import label_recipe_data
@@ -78,8 +77,8 @@ def start_head(
     ``foundation.elements: all``), the info that describes it, and the splits built for it.
     ``recipe`` is the one whose data files are read (after on-the-fly labelling)."""
     single = extract_head(foundation, info.head)
-    frames = select_frames(recipe, info, single)
-    kept = data_elements(info, frames)
+    selected = select_data(recipe, info, single)
+    kept = data_elements(info, selected)
     if recipe.foundation.elements == "data" and kept != info.atomic_numbers:
         single = keep_elements(single, info, list(kept))
         log.info(
@@ -89,7 +88,7 @@ def start_head(
             sum(p.numel() for p in single.parameters()),
         )
         info = replace(info, atomic_numbers=kept)
-    return single, info, load_splits(recipe, info, dtype, frames)
+    return single, info, load_splits(recipe, info, dtype, selected)
 
 
 def assign_e0s(
@@ -105,8 +104,8 @@ def assign_e0s(
     """
     zs = [int(z) for z in model.atomic_numbers]
     base = torch.atleast_2d(foundation_single.atomic_energies_fn.atomic_energies)[0].detach().cpu().double().numpy()
-    z_table = AtomicNumberTable(zs)
-    counts = train.counts(z_table)
+    train = statistics_sample(train, recipe, "the E0 fit")
+    counts = train.counts(AtomicNumberTable(zs))
     labels, mask = train.energies(), train.energy_mask()
     foundation_energy: np.ndarray | None = None
     result: dict[str, dict[str, float]] = {}
@@ -114,8 +113,15 @@ def assign_e0s(
     for h, (name, spec) in enumerate(recipe.fidelities.items()):
         if spec.e0s == "fit" and mask[:, h].any():
             if foundation_energy is None:
+                t = recipe.training
                 foundation_energy = predict(
-                    foundation_single.to(device), _without_forces(train), [0], recipe.training.eval_batch_size, device
+                    foundation_single.to(device),
+                    train,
+                    [0],
+                    t.eval_batch_size,
+                    device,
+                    t.num_workers,
+                    energies_only=True,
                 ).energies[:, 0]
             sel = mask[:, h]
             prior = fitted.get(spec.base or "", base)
@@ -124,7 +130,7 @@ def assign_e0s(
             fitted[name] = e0
         elif isinstance(spec.e0s, dict):
             e0 = base.copy()
-            present = {zs[i] for i in np.flatnonzero(counts.sum(0) > 0)}
+            present = set(zs) & train.table.configs.elements
             for symbol, value in spec.e0s.items():
                 z = symbol_to_z.get(symbol)
                 if z is None or z not in zs:
@@ -139,13 +145,3 @@ def assign_e0s(
         set_head_e0s(model, h, e0)
         result[name] = {chemical_symbols[z]: float(v) for z, v in zip(zs, e0, strict=True)}
     return result
-
-
-def _without_forces(split: Split) -> Split:
-    """A view of a split whose force masks are zero (energy-only prediction is cheaper)."""
-    graphs = []
-    for g in split.graphs:
-        clone = copy.copy(g)
-        clone.mf_forces_mask = torch.zeros_like(g.mf_forces_mask)
-        graphs.append(clone)
-    return Split(split.name, split.fidelities, split.atoms, graphs)

@@ -102,7 +102,8 @@ def final_md_check(model: torch.nn.Module, recipe: Recipe, splits: Splits, out: 
         candidate, source = load_model_file(exported)[0], str(exported.relative_to(out))
     else:
         candidate, source = extract_head(model, recipe.target), f"head {recipe.target} (not exported)"
-    record = md_check(candidate, split.atoms[: spec.structures], None, spec.options(), recipe.seed, source)
+    structures = [split.atoms(i) for i in range(min(spec.structures, len(split)))]
+    record = md_check(candidate, structures, None, spec.options(), recipe.seed, source)
     record["structures_file"] = f"{split.name} split, first {min(spec.structures, len(split))}"
     write_md_check(record, folder.md_check)
     (log.info if record["passed"] else log.warning)("%s", record["summary"])

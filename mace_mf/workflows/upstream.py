@@ -2,7 +2,7 @@
 
 A recipe's fidelities become upstream *heads* of one ``mace_run_train`` fine-tuning run from the
 same local foundation file, on the same geometries and labels that mace_mf trains on
-(:func:`mace_mf.run.select_frames`: same splits, ``data.max_train`` subset and ``label_fraction``
+(:func:`mace_mf.data.splits.select_data`: same splits, ``data.max_train`` subset and ``label_fraction``
 subsets), with the same batch size, learning rate, epochs, dtype, EMA, scheduler, gradient clipping
 and seed. The final model is then scored by mace_mf's own evaluation (``metrics.json`` with the same
 layout as a mace_mf run: split → fidelity = upstream head), so ``mace-mf bench`` compares like with
@@ -66,7 +66,7 @@ from ase.data import atomic_numbers as symbol_to_z
 
 from mace_mf.config.loading import dump_recipe
 from mace_mf.config.schema import Recipe, TrainingSpec
-from mace_mf.data.read import Frame
+from mace_mf.data.table import LabelTable
 from mace_mf.errors import RecipeError, RunError
 from mace_mf.files import atomic_torch_save, atomic_write_text
 from mace_mf.model.build import torch_dtype
@@ -128,20 +128,21 @@ def not_expressed(recipe: Recipe) -> list[str]:
     return skipped
 
 
-def _head_atoms(frame: Frame, h: int, energy_weight: float, forces_weight: float) -> Atoms | None:
+def _head_atoms(
+    table: LabelTable, position: int, h: int, forces_key: str | None, energy_weight: float, forces_weight: float
+) -> Atoms | None:
     """One configuration as upstream reads it for fidelity ``h``; None if it has no trained label."""
-    energy = frame.labels.energy[h] if energy_weight > 0 else None
-    forces = frame.labels.forces[h] if forces_weight > 0 else None
-    if energy is None and forces is None:
+    energy = float(table.energies[position, h]) if energy_weight > 0 and table.energy_mask[position, h] else None
+    with_forces = forces_weight > 0 and forces_key is not None and bool(table.forces_mask[position, h])
+    if energy is None and not with_forces:
         return None
-    atoms = Atoms(
-        numbers=frame.atoms.numbers, positions=frame.atoms.positions, cell=frame.atoms.cell, pbc=frame.atoms.pbc
-    )
+    record = table.configs.record(int(table.rows[position]), (), [forces_key] if with_forces else [])
+    atoms = Atoms(numbers=record.numbers, positions=record.positions, cell=record.cell, pbc=record.pbc)
     if energy is not None:
         atoms.info[ENERGY_KEY] = energy
         atoms.info["config_energy_weight"] = energy_weight
-    if forces is not None:
-        atoms.arrays[FORCES_KEY] = np.asarray(forces, dtype=float)
+    if with_forces:
+        atoms.arrays[FORCES_KEY] = np.asarray(record.arrays[forces_key], dtype=float)
         atoms.info["config_forces_weight"] = forces_weight
     return atoms
 
@@ -164,7 +165,7 @@ def _e0s_flag(recipe: Recipe, name: str, foundation: torch.nn.Module) -> str:
 
 
 def write_head_files(
-    recipe: Recipe, train: list[Frame], valid: list[Frame], folder: Path, foundation: torch.nn.Module
+    recipe: Recipe, train: LabelTable, valid: LabelTable, folder: Path, foundation: torch.nn.Module
 ) -> dict[str, dict[str, Any]]:
     """Per-fidelity train/valid files and the ``--heads`` dictionary that points at them."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -173,8 +174,12 @@ def write_head_files(
     for name in _head_order(recipe):
         h, spec = fidelities.index(name), recipe.fidelities[name]
         files = {}
-        for split, frames in (("train", train), ("valid", valid)):
-            atoms = [a for f in frames if (a := _head_atoms(f, h, spec.energy_weight, spec.forces_weight)) is not None]
+        for split, table in (("train", train), ("valid", valid)):
+            candidates = (
+                _head_atoms(table, p, h, spec.forces_key, spec.energy_weight, spec.forces_weight)
+                for p in range(len(table))
+            )
+            atoms = [a for a in candidates if a is not None]
             if not atoms:
                 raise RecipeError(
                     f"fidelities.{name}: no {split} configuration carries a label trained on (weights "
@@ -288,7 +293,7 @@ def run_upstream(recipe: Recipe, out_dir: Path, *, epochs: int | None = None, ov
     existing upstream folder is refused unless ``overwrite`` (an unfinished run is restarted, not
     resumed: its timings would not be comparable).
     """
-    from mace_mf.data.splits import select_frames
+    from mace_mf.data.splits import select_data
     from mace_mf.model.foundation import load_foundation
     from mace_mf.model.heads import extract_head
 
@@ -306,8 +311,8 @@ def run_upstream(recipe: Recipe, out_dir: Path, *, epochs: int | None = None, ov
     single = extract_head(foundation, info.head)
     foundation_file = work / "foundation.model"
     atomic_torch_save(single, foundation_file)
-    train, valid, _ = select_frames(recipe, info, single)
-    heads = write_head_files(recipe, train, valid, work / "heads", single)
+    selected = select_data(recipe, info, single)
+    heads = write_head_files(recipe, selected.train, selected.valid, work / "heads", single)
     del foundation, single
     command = upstream_command(recipe, work, foundation_file, heads, epochs)
     atomic_write_text(work / "command.sh", shlex.join(command) + "\n")
