@@ -209,6 +209,9 @@ class TimedLoader:
     def __len__(self) -> int:
         return len(self.inner)
 
+    def __getattr__(self, name: str) -> Any:  # the Trainer reseeds the loader's batch_sampler
+        return getattr(self.inner, name)
+
     def __iter__(self) -> Iterator[Any]:
         start = time.perf_counter()
         iterator = iter(self.inner)

@@ -225,6 +225,30 @@ def _displace_bad_delta(ws: Workspace) -> list[str]:
     return ["displace", str(ws.files["valid"]), str(ws.tmp / "pairs.xyz"), "--delta", "0.5"]
 
 
+def _unfinished_store(ws: Workspace) -> list[str]:
+    from mace_mf.data.store import preprocess
+
+    store = ws.tmp / "store"
+    preprocess([ws.files["train"]], store, chunk=10)
+    (store / "manifest.json").unlink()  # as a preprocess killed before its last step leaves it
+    return ws.train("--set", f"data.train={store}")
+
+
+def _changed_store_source(ws: Workspace) -> list[str]:
+    from mace_mf.data.store import preprocess
+
+    source = ws.data(ws.labelled(), "source.xyz")
+    preprocess([source], ws.tmp / "store")
+    ws.data(ws.labelled(seed=12), "source.xyz")  # the file the store was built from, since rewritten
+    return ws.train("--set", f"data.train={ws.tmp / 'store'}")
+
+
+def _preprocess_bad_geometry(ws: Workspace) -> list[str]:
+    frames = ws.labelled()
+    _too_close(frames[2])
+    return ["preprocess", str(ws.data(frames)), "--out", str(ws.tmp / "store")]
+
+
 def _export_undeclared_head(ws: Workspace) -> list[str]:
     return ["export", str(ws.multihead()), "--out", str(ws.tmp / "exported"), "--fidelity", "mp2"]
 
@@ -613,6 +637,28 @@ CATALOGUE: list[Case] = [
         _displace_bad_delta,
         "--delta 0.5",
         "0.01 is a good default",
+    ),
+    # -- data stores ---------------------------------------------------------------------------
+    Case(
+        "store-unfinished",
+        "A store whose `mace-mf preprocess` was interrupted",
+        _unfinished_store,
+        "the store was not finished",
+        "run the same mace-mf preprocess command again to complete it",
+    ),
+    Case(
+        "store-source-changed",
+        "A store whose source file has changed since it was built",
+        _changed_store_source,
+        "source.xyz, which has changed since",
+        "mace-mf preprocess",
+    ),
+    Case(
+        "preprocess-bad-geometry",
+        "`mace-mf preprocess` meets a broken configuration",
+        _preprocess_bad_geometry,
+        "bad.xyz: configuration 2: atoms 0.050 Å apart",
+        "fix or drop the configuration",
     ),
     Case(
         "select-budget-too-large",

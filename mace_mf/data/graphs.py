@@ -211,19 +211,22 @@ class Split:
         steps: int | None = None,
         shard: tuple[int, int] = (0, 1),
         pin_memory: bool = False,
+        persistent: bool = False,
     ) -> DataLoader:
         """Batches in file order, or in a permutation fixed by ``seed`` (e.g. seed and epoch); at most
         ``steps`` of them; ``shard`` ``(rank, world)`` takes this rank's contiguous share of each
-        batch. Graphs not kept are built by ``workers`` processes (0: this one)."""
+        batch. Graphs not kept are built by ``workers`` processes (0: this one); ``persistent`` keeps
+        those processes from one pass to the next (reseed with ``loader.batch_sampler.seed``)."""
         sampler = Batches(len(self), batch_size, shuffle, seed, steps, shard)
-        dataset = _Graphs(self)
+        workers = 0 if self.graphs is not None else workers
         return DataLoader(
-            dataset,
+            _Graphs(self),
             batch_sampler=sampler,
             collate_fn=Batch.from_data_list,
-            num_workers=0 if self.graphs is not None else workers,
+            num_workers=workers,
             pin_memory=pin_memory,
-            prefetch_factor=4 if workers and self.graphs is None else None,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=persistent and workers > 0,
         )
 
 

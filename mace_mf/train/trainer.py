@@ -160,6 +160,7 @@ class Trainer:
         self.step = TrainingStep(model, self.weights, self.heads, self.coupled)
         self.term_keys = term_keys(self.weights)
         self._ddp: torch.nn.Module | None = None
+        self._loader: DataLoader | None = None
         self._ddp_trainable: tuple[bool, ...] = ()
         self.optimizer, self.scheduler, self.ema = make_optimiser(model, t)
         self.history = History()
@@ -238,17 +239,23 @@ class Trainer:
         return self._ddp
 
     def _batches(self, epoch: int) -> DataLoader:
-        """This process's batches of ``epoch``: the whole batches, or this rank's share of each."""
+        """This process's batches of ``epoch``: the whole batches, or this rank's share of each. The
+        loader, and its worker processes, are made once and kept; each epoch reseeds its permutation."""
         t = self.recipe.training
-        return self.train.loader(
-            t.batch_size,
-            shuffle=True,
-            seed=self.recipe.seed * 100_003 + epoch,
-            workers=t.num_workers,
-            steps=t.steps_per_epoch,
-            shard=(self.dist.rank, self.dist.world_size),
-            pin_memory=self.device.type == "cuda",
-        )
+        seed = self.recipe.seed * 100_003 + epoch
+        if self._loader is None:
+            self._loader = self.train.loader(
+                t.batch_size,
+                shuffle=True,
+                seed=seed,
+                workers=t.num_workers,
+                steps=t.steps_per_epoch,
+                shard=(self.dist.rank, self.dist.world_size),
+                pin_memory=self.device.type == "cuda",
+                persistent=True,
+            )
+        self._loader.batch_sampler.seed = seed
+        return self._loader
 
     def _reduce_step(
         self, loss: torch.Tensor, terms: dict[str, torch.Tensor], penalty: torch.Tensor | None
@@ -312,7 +319,7 @@ class Trainer:
         if progress is not None and task is not None:
             progress.remove_task(task)
         names = list(self.recipe.fidelities)
-        out = {"loss": total_loss / max(n_batches, 1)}
+        out = {"loss": total_loss / max(n_batches, 1), "steps": n_batches}
         for key, value in sums.items():
             kind, h = key[0], int(key[1:])
             if kind == "c":
@@ -375,6 +382,7 @@ class Trainer:
                 set_backbone_frozen(self.model, epoch < t.freeze_backbone_epochs, t.lr_factors)
                 start = time.perf_counter()
                 train_terms = self.train_epoch(epoch, progress if self.dist.is_main else None)
+                steps = int(train_terms.pop("steps"))
                 train_time = time.perf_counter() - start
                 valid = self.evaluate(self.valid)
                 valid_loss = target_valid_loss(valid, self.recipe)
@@ -393,7 +401,10 @@ class Trainer:
                     "valid_loss": valid_loss,
                     "lr": {g["name"]: g["lr"] for g in self.optimizer.param_groups},
                     "epoch_time_s": train_time,
-                    "configs_per_s": len(self.train) / train_time if train_time > 0 else None,
+                    "steps": steps,
+                    "configs_per_s": min(len(self.train), steps * t.batch_size) / train_time
+                    if train_time > 0
+                    else None,
                     "frozen_backbone": epoch < t.freeze_backbone_epochs,
                 }
                 h.epochs.append(record)

@@ -29,6 +29,17 @@ def _pairs_note(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def _sample_note(recipe: Recipe, n_train: int) -> list[str]:
+    """Where the statistics of the training split came from a sample (``data.statistics_sample``)."""
+    size = recipe.data.statistics_sample
+    if size is None or n_train <= size:
+        return []
+    return [
+        f"- the E0 fit, the label variances and the train rows of the tables read a seeded sample of {size:,} "
+        f"of the {n_train:,} training configurations (`data.statistics_sample`)"
+    ]
+
+
 def write_report(
     out: Path,
     recipe: Recipe,
@@ -52,6 +63,7 @@ def write_report(
         f"{len(splits.test) if splits.test else 0} test configurations",
         f"- epochs run: {len(history.epochs)} (best epoch {history.best_epoch}); wall time {wall_time_s:.0f} s",
         f"- dtype {recipe.dtype}, device {recipe.device}, seed {recipe.seed}",
+        *_sample_note(recipe, len(splits.train)),
         "",
         "## Errors after fine-tuning",
         "",

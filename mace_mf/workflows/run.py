@@ -250,6 +250,9 @@ def _train_run(
         )
         if previous is not None and not trainer.load_checkpoint():
             log.warning("no readable checkpoint in %s; starting from epoch 0", folder.checkpoints)
+        run_record["setup_s"] = round(time.perf_counter() - started, 2)
+        folder.write_record(run_record)
+        log.info("set-up: %.1f s to the first training step", run_record["setup_s"])
         history = trainer.fit() if trains else trainer.history
         folder.write_json(folder.history, history.__dict__)
         metrics = evaluate_all(model, splits, recipe, device, folder.plots, folder.pair_errors) if trains else zero_shot
