@@ -36,6 +36,7 @@ err = Console(stderr=True)
 _state = {"debug": False}
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: dotted.key=value.")]
+DeviceOption = Annotated[str, typer.Option(help="cpu, cuda or cuda:<n> (float32 on a GPU, float64 on a CPU).")]
 
 
 @app.callback()
@@ -140,13 +141,13 @@ def evaluate(
     pairs: Annotated[
         list[Path] | None, typer.Option(help="Labelled displacement pairs (mace-mf displace) to score F·u on.")
     ] = None,
+    device: DeviceOption = "cpu",
 ) -> None:
     """Evaluate any MACE model file (or a run's multi-head model) on any labelled data."""
     from mace_mf.evaluation.inference import evaluate_model_file
 
-    metrics = evaluate_model_file(
-        model_or_run, [str(p) for p in data], head, energy_key, forces_key, batch_size, [str(p) for p in pairs or []]
-    )
+    files, pair_files = [str(p) for p in data], [str(p) for p in pairs or []]
+    metrics = evaluate_model_file(model_or_run, files, head, energy_key, forces_key, batch_size, pair_files, device)
     Console().print(metrics_rich_table({"data": metrics}))
     if json_out is not None:
         from mace_mf.files import atomic_write_text
@@ -342,11 +343,14 @@ def select_command(
     rest: Annotated[Path | None, typer.Option(help="Also write the geometries not chosen here.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
     data_format: Annotated[str | None, typer.Option("--format", help="ASE format of POOL (default: guessed).")] = None,
+    device: DeviceOption = "cpu",
 ) -> None:
     """Choose the geometries of POOL that should get expensive high-level labels."""
     from mace_mf.data.selection import select_file
 
-    chosen = select_file(pool, output, budget, model, method, head, forces_key, seed, rest, overwrite, data_format)
+    chosen = select_file(
+        pool, output, budget, model, method, head, forces_key, seed, rest, overwrite, data_format, device
+    )
     err.print(
         f"{output}: {chosen.count} of {chosen.pool} geometries of {pool} chosen by {method} in {chosen.seconds:.1f} s",
         highlight=False,
@@ -383,6 +387,7 @@ def md_check_command(
     seed: Annotated[int, typer.Option(help="Seed of the initial velocities.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for torch; 1 is fastest for small molecules.")] = 1,
     out: Annotated[Path, typer.Option(help="Where to write the JSON record.")] = Path("md_check.json"),
+    device: DeviceOption = "cpu",
 ) -> None:
     """Short NVE MD from each structure: energy drift, forces, bond stretch, atoms flying apart; PASS/FAIL.
 
@@ -402,7 +407,7 @@ def md_check_command(
         max_force=max_force,
         min_distance=min_distance,
     )
-    record = md_check_file(model_or_run, structures, head, options, seed, limit, out)
+    record = md_check_file(model_or_run, structures, head, options, seed, limit, out, device)
     Console().print("\n".join(md_check_markdown(record)[4:]))
     passed = record["passed"]
     err.print(f"[{'green' if passed else 'red'}]{escape(record['summary'])}[/]", highlight=False, soft_wrap=True)

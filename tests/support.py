@@ -87,6 +87,9 @@ def tiny_scale_shift_mace(residual_first: bool, seed: int) -> torch.nn.Module:
             radial_type="bessel",
             atomic_inter_scale=1.2,
             atomic_inter_shift=0.0,
+            # e3nn's Clebsch-Gordan basis whether or not cuequivariance is installed (with it,
+            # mace-torch's default builds a smaller, reduced basis: another model)
+            use_reduced_cg=False,
         )
     finally:
         torch.set_default_dtype(previous)

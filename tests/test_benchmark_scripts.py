@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -60,7 +61,14 @@ def test_selection_script_compares_chosen_with_random_subsets():
 
 @pytest.mark.parametrize(
     "name",
-    ["benchmark_verdict", "benchmark_selection", "benchmark_seed_regime", "make_seed_regime_data", "benchmark_scale"],
+    [
+        "benchmark_verdict",
+        "benchmark_selection",
+        "benchmark_seed_regime",
+        "make_seed_regime_data",
+        "benchmark_scale",
+        "gpu_check",
+    ],
 )
 def test_scripts_explain_themselves(name, capsys):
     module = load(name)
@@ -70,24 +78,38 @@ def test_scripts_explain_themselves(name, capsys):
     assert exit_.value.code == 0 and "usage" in capsys.readouterr().out
 
 
-def test_scale_script_runs_every_section_small(tmp_path, tiny_model_file, two_fidelity_files):
-    """The scale benchmark on the tiny foundation and a few hundred geometries: every section runs,
-    and the two that need no machine to be quiet hold (a streamed run equals a kept one; a second run
-    finds its store)."""
-    import json
+def test_scale_script_converts_and_finds_its_store_again(tmp_path, tiny_model_file, two_fidelity_files):
+    """The scale benchmark's conversion and rerun sections on the tiny foundation and a few hundred
+    geometries (its other sections train more and are covered by tests/test_store.py): the rerun's
+    second run finds the store its first run made."""
     import subprocess
 
     args = [
         "--out", str(tmp_path / "scale"), "--data", str(two_fidelity_files["train"]),
         "--valid", str(two_fidelity_files["valid"]), "--foundation", str(tiny_model_file),
-        "--low", "lo", "--high", "hi", "--geometries", "300", "--small", "100", "--large", "400",
-        "--steps", "2", "--step-steps", "2", "--repeats", "1", "--dtype", "float64",
+        "--low", "lo", "--high", "hi", "--geometries", "300", "--large", "200", "--repeats", "1",
+        "--dtype", "float64", "--sections", "preprocess,rerun",
     ]  # fmt: skip
     subprocess.run([sys.executable, str(SCRIPTS / "benchmark_scale.py"), *args], check=True, capture_output=True)
     results = json.loads((tmp_path / "scale" / "results.json").read_text())
-    assert set(results["sections"]) == {"preprocess", "memory", "step", "equal", "rerun"}
-    assert results["sections"]["equal"]["target_met"]
-    assert results["sections"]["memory"]["large"]["steps"] == 2
+    assert results["sections"]["preprocess"]["workers_2"]["geometries_per_s_per_core"] > 0
     logs = [(tmp_path / "scale" / f"rerun-{attempt}" / "train.log").read_text() for attempt in ("first", "second")]
     assert "converting to a store" in logs[0] and "converting to a store" not in logs[1]  # found by content
-    assert "## preprocess" in (tmp_path / "scale" / "results.md").read_text()
+    assert "## rerun" in (tmp_path / "scale" / "results.md").read_text()
+
+
+def test_gpu_check_runs_on_the_cpu_quick(tmp_path, tiny_model_file, two_fidelity_files):
+    """`scripts/gpu_check.py --device cpu --quick`: every section but upstream runs and reports, so the
+    script a GPU session runs in one call cannot rot between GPU sessions."""
+    gpu_check = load("gpu_check")
+    args = ["--out", str(tmp_path / "gpu"), "--device", "cpu", "--quick", "--foundation", str(tiny_model_file),
+            "--data", str(two_fidelity_files["train"]), "--low", "lo", "--high", "hi", "--threads", "1"]  # fmt: skip
+    assert gpu_check.main(args) == 0
+    results = json.loads((tmp_path / "gpu" / "results.json").read_text())
+    assert set(results["sections"]) == {"agreement", "speed", "fidelities", "loading"}
+    agreement = results["sections"]["agreement"]
+    assert agreement["device_float64"]["energy_max_relative"] == 0.0  # the CPU against itself
+    assert 0 < agreement["device_float32"]["energy_max_relative"] < 1e-5
+    speed = results["sections"]["speed"]
+    assert speed["e3nn-float32"]["step_ms"] > 0 and speed["e3nn-float32"]["floor_ms"] > 0
+    assert "## speed" in (tmp_path / "gpu" / "results.md").read_text()

@@ -52,7 +52,7 @@ def test_set_overrides_nested_keys_with_yaml_values(tmp_path):
         (("lr: 0.001", "lr: -1"), "training.lr: Input should be greater than 0"),
         (("target: dft", "target: ccsdt"), "training.target 'ccsdt' is not a declared fidelity"),
         (("fidelities: [dft, pm6]", "fidelities: [dft, mp2]"), "export.fidelities: 'mp2' is not a declared fidelity"),
-        (("dtype: float64", "dtype: float16"), "dtype: Input should be 'float32' or 'float64'"),
+        (("dtype: float64", "dtype: float16"), "dtype: Input should be 'auto', 'float32' or 'float64'"),
         (("device: cpu", "device: gpu0"), "device: 'gpu0' is not a device"),
         (("mode: disabled", "mode: sometimes"), "wandb.mode: Input should be"),
         (("forces_weight: 0.0}", "forces_weight: 0.0, base: null, coupling: delta}"), "dft: coupling 'delta'"),

@@ -82,7 +82,8 @@ def test_select_command_writes_the_choice_in_pool_order_and_the_rest(tmp_path, t
         np.testing.assert_allclose(
             atoms.arrays["lo_forces"], frames[atoms.info["pool_index"]].arrays["lo_forces"], atol=1e-6
         )
-    expected = select(frames, 5, "kmeans", 0, torch.load(tiny_model_file, weights_only=False))
+    pool = ase.io.read(tmp_path / "pool.xyz", ":")  # what select reads: positions as the file rounds them
+    expected = select(pool, 5, "kmeans", 0, torch.load(tiny_model_file, weights_only=False))
     assert sorted(expected) == indices and {a.info["selection"] for a in chosen} == {"kmeans"}  # the default
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
     assert main([*args, "--overwrite", "--method", "disagreement"]) == 2

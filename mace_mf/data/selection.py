@@ -45,6 +45,7 @@ from mace_mf.data.read import read_atoms
 from mace_mf.data.store import check_geometry
 from mace_mf.errors import DataError, RunError
 from mace_mf.files import atomic_write_xyz
+from mace_mf.model.build import resolve_device
 from mace_mf.model.forward import fidelity_energies, fidelity_forces, node_features
 from mace_mf.model.foundation import load_model_file
 from mace_mf.model.heads import head_names
@@ -248,6 +249,7 @@ def select_file(
     rest: Path | None,
     overwrite: bool,
     fmt: str | None,
+    device: str = "cpu",
 ) -> Selection:
     """``mace-mf select``: choose from the geometries of ``pool`` and write them (each tagged with
     ``pool_index``, ``selection_rank`` and ``selection``) to ``output``; the others to ``rest``."""
@@ -261,7 +263,9 @@ def select_file(
     for i, atoms in enumerate(frames):
         check_geometry(atoms, f"{pool}: configuration {i}")
     count = budget_count(budget, len(frames))
-    loaded = load_model_file(model_or_run)[0] if model_or_run is not None else None
+    where = resolve_device(device)
+    dtype = torch.float64 if where.type == "cpu" else torch.float32
+    loaded = load_model_file(model_or_run, dtype)[0].to(where) if model_or_run is not None else None
     index = 0
     if loaded is not None and head is not None:
         names = head_names(loaded)

@@ -22,6 +22,7 @@ from mace_mf.errors import DataError
 from mace_mf.evaluation.metrics import compute_metrics
 from mace_mf.evaluation.pairs import score_pairs
 from mace_mf.evaluation.predict import predict
+from mace_mf.model.build import resolve_device
 from mace_mf.model.foundation import check_elements, load_model_file
 from mace_mf.model.heads import head_names
 from mace_mf.run_folder import RunFolder
@@ -43,9 +44,13 @@ def evaluate_model_file(
     forces_key: str,
     batch_size: int,
     pairs: list[str] | None = None,
+    device: str = "cpu",
 ) -> dict[str, dict[str, Any]]:
-    """Metrics per head of a model file on the given data files (and displacement pairs)."""
-    model, info = load_model_file(model_or_run, torch.float64)
+    """Metrics per head of a model file on the given data files (and displacement pairs), on ``device``
+    (float64 on a CPU, float32 on a GPU)."""
+    where = resolve_device(device)
+    model, info = load_model_file(model_or_run, torch.float64 if where.type == "cpu" else torch.float32)
+    model = model.to(where)
     names = head_names(model)
     chosen = heads or names
     for name in chosen:
@@ -61,12 +66,12 @@ def evaluate_model_file(
     check_elements(info, configs.elements, ", ".join(data))
     table = label_table(configs, specs)
     graphs = GraphRecipe(
-        AtomicNumberTable(list(info.atomic_numbers)), info.r_max, chosen, torch.float64,
+        AtomicNumberTable(list(info.atomic_numbers)), info.r_max, chosen, next(model.parameters()).dtype,
         tuple(s.forces_key for s in specs.values()),
     )  # fmt: skip
     split = Split("data", table, graphs, keep=False)
     columns = [names.index(n) for n in chosen]
-    metrics = compute_metrics(split, predict(model, split, columns, batch_size, torch.device("cpu")))
+    metrics = compute_metrics(split, predict(model, split, columns, batch_size, where))
     if pairs:
-        score_pairs(model, read_pairs(pairs, specs, None), columns, chosen, metrics, torch.device("cpu"), batch_size)
+        score_pairs(model, read_pairs(pairs, specs, None), columns, chosen, metrics, where, batch_size)
     return metrics

@@ -42,6 +42,7 @@ from mace_mf.data.read import read_atoms
 from mace_mf.data.store import check_geometry
 from mace_mf.errors import DataError
 from mace_mf.files import atomic_write_text
+from mace_mf.model.build import resolve_device
 from mace_mf.model.foundation import load_model_file
 from mace_mf.model.heads import head_names
 
@@ -206,8 +207,10 @@ def md_check(
     options: MDOptions,
     seed: int = 0,
     source: str = "model",
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run the check with stock ``MACECalculator`` on a copy of ``model``; return the JSON-ready record."""
+    """Run the check with stock ``MACECalculator`` (float64, on ``device``) on a copy of ``model``;
+    return the JSON-ready record."""
     from mace.calculators import MACECalculator
 
     names = head_names(model)
@@ -221,7 +224,10 @@ def md_check(
     logging.disable(logging.INFO)
     try:
         calc = MACECalculator(
-            models=copy.deepcopy(model).double().cpu(), device="cpu", default_dtype="float64", head=head or names[0]
+            models=copy.deepcopy(model).double().to(device),
+            device=device,
+            default_dtype="float64",
+            head=head or names[0],
         )
     finally:
         logging.disable(previous)
@@ -245,6 +251,7 @@ def md_check_file(
     seed: int,
     limit: int | None,
     out: Path,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """``mace-mf md-check``: the check of a model file (or a run's multi-head model) from the first
     ``limit`` geometries of a structures file, written to ``out``; the record."""
@@ -252,7 +259,7 @@ def md_check_file(
     for i, atoms in enumerate(frames):
         check_geometry(atoms, f"{structures}: configuration {i}")
     model, _ = load_model_file(model_or_run)
-    record = md_check(model, frames, head, options, seed, source=str(model_or_run))
+    record = md_check(model, frames, head, options, seed, source=str(model_or_run), device=str(resolve_device(device)))
     record["structures_file"] = str(structures)
     write_md_check(record, out)
     return record

@@ -8,6 +8,7 @@ import torch
 from mace.modules.models import ScaleShiftMACE
 
 from mace_mf.config.schema import Recipe
+from mace_mf.errors import RecipeError
 from mace_mf.model.coupling import apply_couplings
 from mace_mf.model.heads import add_fidelity_embedding, replicate_head
 
@@ -28,3 +29,11 @@ def build_model(single: ScaleShiftMACE, recipe: Recipe) -> ScaleShiftMACE:
     if recipe.training.fidelity_embedding:
         add_fidelity_embedding(model)
     return model
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a recipe or ``--device`` names, refused where it does not exist."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"device: {name!r} requested but CUDA is not available; set device: cpu (--device cpu)")
+    return device

@@ -81,13 +81,6 @@ def from_env() -> Dist:
     return Dist(rank, world, local)
 
 
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"device: {name!r} requested but CUDA is not available; set device: cpu")
-    return device
-
-
 def local_device(device: torch.device, dist: Dist) -> torch.device:
     """The device of this process: on CUDA, one GPU per local rank (the recipe's index is ignored)."""
     if dist.enabled and device.type == "cuda":

@@ -26,6 +26,7 @@ from mace_mf.errors import RecipeError
 from mace_mf.evaluation.predict import predict
 from mace_mf.labels.labelling import label_recipe_data
 from mace_mf.model.build import build_model, torch_dtype
+from mace_mf.model.cueq import to_cueq
 from mace_mf.model.foundation import FoundationInfo, keep_elements, load_foundation
 from mace_mf.model.heads import extract_head, fit_e0s, set_head_e0s
 from mace_mf.train.distributed import SINGLE, Dist, rank0_first
@@ -67,6 +68,9 @@ def prepare(recipe: Recipe, cache_dir: Path, device: torch.device, dist: Dist = 
     )
     model = build_model(single, recipe).to(device)
     e0s = assign_e0s(model, single, recipe, splits.train, device)
+    if recipe.training.cueq:
+        model = to_cueq(model)
+        log.info("training.cueq: the model trains with cuEquivariance kernels; exported files are e3nn")
     return Prepared(model, info, splits, e0s, labelled_files)
 
 

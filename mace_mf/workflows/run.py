@@ -33,11 +33,13 @@ from mace_mf.errors import RunError, UserError
 from mace_mf.evaluation.md_check import md_check, write_md_check
 from mace_mf.evaluation.scoring import evaluate_all
 from mace_mf.files import atomic_write_text
+from mace_mf.model.build import resolve_device
+from mace_mf.model.cueq import to_e3nn
 from mace_mf.model.export import export_models
 from mace_mf.model.foundation import FoundationInfo, load_model_file
 from mace_mf.model.heads import extract_head
 from mace_mf.run_folder import RunFolder
-from mace_mf.train.distributed import Dist, broadcast, local_batch_size, local_device, resolve_device, session
+from mace_mf.train.distributed import Dist, broadcast, local_batch_size, local_device, session
 from mace_mf.train.tracking import make_tracker
 from mace_mf.train.trainer import Trainer
 from mace_mf.version import versions
@@ -81,6 +83,7 @@ def model_metadata(recipe: Recipe, info: FoundationInfo, best_epoch: int) -> dic
         "foundation": info.source,
         "foundation_head": info.head,
         "dtype": recipe.dtype,
+        "trained_with": "cuequivariance" if recipe.training.cueq else "e3nn",
         "best_epoch": best_epoch,
     }
 
@@ -259,10 +262,11 @@ def _train_run(
         folder.write_json(folder.metrics, metrics)
         spec = recipe.export
         metadata = model_metadata(recipe, info, history.best_epoch)
+        stock = to_e3nn(model)  # what every file holds, whatever kernels trained it
         files = export_models(
-            model, recipe.export_fidelities, folder.models, spec.multihead, spec.torchscript, spec.lammps, metadata
+            stock, recipe.export_fidelities, folder.models, spec.multihead, spec.torchscript, spec.lammps, metadata
         )
-        md_record = final_md_check(model, recipe, splits, out)
+        md_record = final_md_check(stock, recipe, splits, out)
         wall = time.perf_counter() - started
         write_report(out, recipe, info, splits, metrics, zero_shot, history, prepared.e0s, files, wall, md_record)
         tracker.log_final(out, metrics, files, metadata)

@@ -350,8 +350,8 @@ def score_upstream(recipe: Recipe, model_file: Path, out_dir: Path) -> dict[str,
     from mace_mf.evaluation.metrics import compute_metrics
     from mace_mf.evaluation.pairs import score_pairs
     from mace_mf.evaluation.predict import predict
+    from mace_mf.model.build import resolve_device
     from mace_mf.model.foundation import load_foundation
-    from mace_mf.train.distributed import resolve_device
 
     folder = RunFolder(out_dir)
     dtype = torch_dtype(recipe.dtype)
