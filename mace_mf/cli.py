@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -22,15 +21,20 @@ from rich.table import Table
 
 from mace_mf.config.schema import MDOptions
 from mace_mf.errors import DataError, RunError, UserError
+from mace_mf.quiet import silence_known_noise
 from mace_mf.run_folder import RunFolder
 
+# Plain click help: it wraps long option names and defaults, where rich's panels cut them at 80
+# columns ("zero-shot,sf-high-e,sf-high-e…") in a narrow terminal or a pipe.
+HELP = {"rich_markup_mode": None, "context_settings": {"max_content_width": 120}}
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Multi-fidelity fine-tuning of foundation MACE potentials.",
+    **HELP,
 )
-recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Inspect recipes.", **HELP)
 app.add_typer(recipe_app, name="recipe")
 err = Console(stderr=True)
 _state = {"debug": False}
@@ -62,7 +66,7 @@ def train(
     wandb: Annotated[str | None, typer.Option(help="W&B mode: online, offline or disabled.")] = None,
 ) -> None:
     """Fine-tune a foundation on the recipe's fidelities; evaluate, export and report."""
-    from mace_mf.config.loading import load_recipe
+    from mace_mf.config.loading import check_files, load_recipe
 
     overrides = list(set_ or [])
     if wandb is not None:
@@ -70,6 +74,7 @@ def train(
     if resume and overwrite:
         raise RunError("--resume and --overwrite exclude each other; choose one")
     recipe = load_recipe(recipe_file, overrides)
+    check_files(recipe)  # before torch and the foundation load: seconds
     if resume and out is None:
         raise RunError("--resume needs --out pointing at the run folder to continue")
     from mace_mf.train.distributed import from_env
@@ -79,19 +84,38 @@ def train(
     if dist.enabled and out is None:
         raise RunError("--out: under torchrun every process must name the same folder; give --out")
     target = out or default_out(recipe)
-    train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
+    try:
+        train_run(recipe, target, recipe_file=recipe_file, resume=resume, overwrite=overwrite)
+    except KeyboardInterrupt:
+        if dist.is_main:
+            err.print(
+                f"interrupted; the last complete epoch is kept: continue with mace-mf train {recipe_file} "
+                f"--out {target} --resume" + "".join(f" --set {o}" for o in overrides),
+                highlight=False,
+                soft_wrap=True,
+            )
+        raise typer.Exit(130) from None
     if not dist.is_main:  # rank 0 writes and reports
         return
     metrics = RunFolder(target).read_metrics()
-    Console().print(metrics_rich_table(metrics))
+    out_console().print(metrics_rich_table(metrics))
     err.print(f"[green]done[/green]: {target}/report.md")
 
 
+def out_console() -> Console:
+    """Standard output for tables: the terminal's width, or 160 columns into a pipe or a log file
+    (rich's 80 would cut headers such as "E RMSE (meV/atom)")."""
+    console = Console()
+    return console if console.is_terminal else Console(width=160)
+
+
 def metrics_rich_table(metrics: dict) -> Table:
-    """The metrics of every split and fidelity as a terminal table."""
+    """The metrics of every split and fidelity as a terminal table (cells wrap, never cut)."""
+    from rich.table import Column
+
     from mace_mf.evaluation.metrics import metrics_header, metrics_rows
 
-    table = Table(*metrics_header(metrics))
+    table = Table(*(Column(name, overflow="fold") for name in metrics_header(metrics)))
     for row in metrics_rows(metrics):
         table.add_row(*row)
     return table
@@ -123,7 +147,7 @@ def sweep(
     table = Table(*header, title=f"{result.sweep.method} sweep, ranked by {result.sweep.metric} ({result.sweep.goal})")
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    out_console().print(table)
     if result.stopped:
         err.print(f"sweep stopped early; continue it with the same command and --out {result.folder}", soft_wrap=True)
     err.print(f"[green]done[/green]: {result.folder}/trials.md", soft_wrap=True)
@@ -148,7 +172,7 @@ def evaluate(
 
     files, pair_files = [str(p) for p in data], [str(p) for p in pairs or []]
     metrics = evaluate_model_file(model_or_run, files, head, energy_key, forces_key, batch_size, pair_files, device)
-    Console().print(metrics_rich_table({"data": metrics}))
+    out_console().print(metrics_rich_table({"data": metrics}))
     if json_out is not None:
         from mace_mf.files import atomic_write_text
 
@@ -408,7 +432,7 @@ def md_check_command(
         min_distance=min_distance,
     )
     record = md_check_file(model_or_run, structures, head, options, seed, limit, out, device)
-    Console().print("\n".join(md_check_markdown(record)[4:]))
+    out_console().print("\n".join(md_check_markdown(record)[4:]))
     passed = record["passed"]
     err.print(f"[{'green' if passed else 'red'}]{escape(record['summary'])}[/]", highlight=False, soft_wrap=True)
     if not passed:
@@ -417,10 +441,13 @@ def md_check_command(
 
 @recipe_app.command("check")
 def recipe_check(recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE")], set_: SetOption = None) -> None:
-    """Validate a recipe and print it resolved, with every default filled in."""
-    from mace_mf.config.loading import dump_recipe, load_recipe
+    """Validate a recipe (its keys, and that the files it names exist) and print it resolved, with
+    every default filled in."""
+    from mace_mf.config.loading import check_files, dump_recipe, load_recipe
 
-    sys.stdout.write(dump_recipe(load_recipe(recipe_file, list(set_ or []))))
+    recipe = load_recipe(recipe_file, list(set_ or []))
+    check_files(recipe)
+    sys.stdout.write(dump_recipe(recipe))
 
 
 @recipe_app.command("reference")
@@ -433,8 +460,7 @@ def recipe_reference() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI and turn user errors into one line and exit code 2."""
-    # e3nn warns about an environment variable that mace itself sets on import: noise to a user.
-    warnings.filterwarnings("ignore", message="Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    silence_known_noise()
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="mace-mf", standalone_mode=False)

@@ -153,6 +153,11 @@ def _uncovered_element(atoms: Atoms) -> None:
 
 
 def _forces_absent(ws: Workspace) -> list[str]:
+    files = {split: ws.data(ws.labelled(seed=20 + k, forces=False), f"{split}.xyz") for k, split in enumerate(ws.files)}
+    return ws.train(*(a for split, path in files.items() for a in ("--set", f"data.{split}={path}")))
+
+
+def _forces_only_scored(ws: Workspace) -> list[str]:
     return ws.with_train(ws.labelled(forces=False))
 
 
@@ -451,6 +456,13 @@ CATALOGUE: list[Case] = [
         _forces_absent,
         "fidelities.lo.forces_key 'lo_forces' is in no configuration",
         "forces_weight: 0",
+    ),
+    Case(
+        "forces-only-scored-but-trained",
+        "Forces only in the validation/test files, while `forces_weight` > 0 would train on them",
+        _forces_only_scored,
+        "fidelities.lo.forces_key 'lo_forces' is only in the validation/test data",
+        "set fidelities.lo.forces_weight: 0",
     ),
     Case(
         "nan-label",

@@ -53,6 +53,26 @@ def test_recipe_check_prints_resolved_defaults(capsys, recipe_file):
     assert code == 0 and "freeze_backbone_epochs: 0" in out and "target: hi" in out
 
 
+def test_recipe_check_names_a_file_that_does_not_exist(capsys, tmp_path, recipe_file):
+    for key in ("data.valid", "data.valid_pairs", "foundation.model"):
+        code, err = run_cli(capsys, "recipe", "check", recipe_file, "--set", f"{key}={tmp_path / 'missing.xyz'}")
+        assert_one_line_error(code, err, f"{key}: {tmp_path / 'missing.xyz'} not found", "check")
+
+
+def test_a_text_file_given_as_the_foundation_is_called_a_text_file(capsys, tmp_path, recipe_file):
+    text = tmp_path / "notes.model"
+    text.write_text("this is my foundation, I promise\n")
+    code, err = run_cli(capsys, "train", recipe_file, "--set", f"foundation.model={text}", "--out", tmp_path / "o")
+    assert_one_line_error(code, err, "notes.model is a text file, not a MACE model", "give a MACE .model file")
+
+
+def test_a_misspelt_energy_key_gets_the_stored_key_suggested(capsys, tmp_path, recipe_file):
+    code, err = run_cli(
+        capsys, "train", recipe_file, "--set", "fidelities.hi.energy_key=hi_energies", "--out", tmp_path / "o"
+    )
+    assert_one_line_error(code, err, "'hi_energies' is in no configuration (did you mean 'hi_energy'?)", "check")
+
+
 def test_foundation_file_that_is_not_a_model(capsys, tmp_path, recipe_file):
     bad = tmp_path / "bad.model"
     bad.write_bytes(b"\x80\x04not a pickle at all")

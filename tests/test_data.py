@@ -158,5 +158,7 @@ def test_forces_only_scored_may_live_in_validation_and_test_alone(tmp_path):
     with pytest.raises(DataError, match=r"fidelities\.hi\.forces_key 'hi_forces' is in no configuration"):
         check_declared_keys(read_train, SPECS, "data.train")
     trained = {**SPECS, "hi": SPECS["hi"].model_copy(update={"forces_weight": 10.0})}
-    with pytest.raises(DataError, match="trains on them"):
+    with pytest.raises(DataError, match=r"only in the validation/test data.*set fidelities\.hi\.forces_weight: 0"):
         check_declared_keys(read_train, trained, "data.train", [read_scored])
+    with pytest.raises(DataError, match="trains on them"):  # nowhere at all
+        check_declared_keys(read_train, trained, "data.train")

@@ -130,3 +130,44 @@ def test_nan_loss_names_epoch_and_batch_and_keeps_the_last_good_checkpoint(recip
     assert json.loads((folder / "latest.json").read_text())["epoch"] == 0
     state = torch.load(folder / "epoch-0000.pt", weights_only=False)
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_says_how_to_continue_and_the_run_says_interrupted(recipe_file, reference):
+    """SIGINT (Ctrl-C, `kill -INT`) mid-run: exit 130, one line saying how to continue, run.json
+    `interrupted`; the resume then ends where an uninterrupted run ends."""
+    out = recipe_file.parent / "ctrl-c"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+    def default_sigint() -> None:  # a background job (CI) starts children with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mace_mf.cli", "train", str(recipe_file), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=default_sigint,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "checkpoints" / "epoch-0000.pt").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr[-2000:]
+    assert (
+        f"interrupted; the last complete epoch is kept: continue with mace-mf train {recipe_file} --out {out} --resume"
+        in stderr.replace("\n", " ")
+    )
+    assert "Traceback" not in stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    assert main(["train", str(recipe_file), "--out", str(out), "--resume"]) == 0
+    expected, got = _read_metrics(reference), _read_metrics(out)
+    for split in expected:
+        for fidelity in expected[split]:
+            for key, value in expected[split][fidelity].items():
+                assert got[split][fidelity][key] == pytest.approx(value, rel=1e-6, abs=1e-6), (split, fidelity, key)

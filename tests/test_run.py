@@ -130,7 +130,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(
     monkeypatch.setattr(train_module.Trainer, "save_checkpoint", interrupt_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         train_run(recipe, tmp_path / "resumed")
-    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "failed"
+    assert json.loads((tmp_path / "resumed" / "run.json").read_text())["status"] == "interrupted"
     monkeypatch.setattr(train_module.Trainer, "save_checkpoint", original)
     train_run(recipe, tmp_path / "resumed", resume=True)
     history = json.loads((tmp_path / "resumed" / "history.json").read_text())

@@ -81,4 +81,20 @@ def test_multi_head_foundation_needs_a_chosen_head(tmp_path, two_fidelity_files)
     with pytest.raises(FoundationError, match="'wb97x' is not a head"):
         run(tmp_path / "b", path, two_fidelity_files, "foundation.head=wb97x", epochs=0)
     out = run(tmp_path / "c", path, two_fidelity_files, "foundation.head=r2scan", epochs=0)
-    assert load(out).heads == ["lo", "hi"]
+    assert load(out).heads == ["hi", "lo"]  # the multi-head export: the target first
+
+
+def test_the_thread_default_shares_the_cores_and_leaves_busy_ones_alone(monkeypatch):
+    from mace_mf.train import threads
+
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv(threads.RUNS_ENV, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cases = [((0.1, 0, 0), None, 4), ((0.1, 0, 0), "2", 2), ((2.6, 0, 0), None, 1), ((9.0, 0, 0), "2", 1)]
+    for load, runs, expected in cases:
+        monkeypatch.setattr(threads.os, "getloadavg", lambda load=load: load)
+        if runs is None:
+            monkeypatch.delenv(threads.RUNS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(threads.RUNS_ENV, runs)
+        assert threads.default_threads()[0] == expected, (load, runs)

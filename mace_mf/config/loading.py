@@ -7,6 +7,7 @@ fix (:mod:`mace_mf.config.messages`).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from mace_mf.config.messages import format_validation_error
 from mace_mf.config.schema import NAMED_FOUNDATIONS, Recipe
-from mace_mf.errors import RecipeError
+from mace_mf.errors import DataError, RecipeError
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -154,3 +155,17 @@ def recipe_changes(before: Recipe, after: Recipe) -> list[str]:
     unset = "(unset)"
     keys = sorted(old.keys() | new.keys())
     return [f"{k}: {old.get(k, unset)} -> {new.get(k, unset)}" for k in keys if old.get(k, unset) != new.get(k, unset)]
+
+
+def check_files(recipe: Recipe) -> None:
+    """Every file a recipe names exists (data, pairs, a local foundation): what `recipe check` and the
+    start of a run say before anything is loaded."""
+    for key in ("train", "valid", "test", "valid_pairs"):
+        value = getattr(recipe.data, key)
+        for path in [value] if isinstance(value, str) else value or []:
+            if not Path(path).exists():
+                raise DataError(f"data.{key}: {path} not found; check data.* in the recipe")
+    model = recipe.foundation.model
+    named = model.startswith(NAMED_FOUNDATIONS) or re.fullmatch(r"[A-Za-z_]+:[\w.\-]+", Path(model).name)
+    if not named and not Path(model).exists():  # a name is the foundation loader's to judge
+        raise DataError(f"foundation.model: {model} not found; give a MACE .model file or a named foundation")

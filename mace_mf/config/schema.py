@@ -432,7 +432,10 @@ class Recipe(_Section):
     num_threads: int | None = Field(
         default=None,
         ge=1,
-        description="CPU threads for torch; null: torch's default. Small models often run fastest on 1.",
+        description=(
+            "CPU threads for torch; null: the cores this process may use, divided among the runs that share them "
+            "(`bench --workers`, torchrun) and less those that other work keeps busy (load average), at least 1."
+        ),
     )
     foundation: FoundationSpec
     fidelities: dict[str, FidelitySpec] = Field(

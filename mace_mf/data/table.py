@@ -13,6 +13,7 @@ configuration carries (a typo).
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -112,20 +113,36 @@ def label_table(configs: Configurations, specs: dict[str, FidelitySpec]) -> Labe
     return LabelTable(configs, np.arange(n, dtype=np.int64), energies, energy_mask, forces_mask, configs.n_atoms())
 
 
+def _nearest(key: str, known: set[str]) -> str:
+    """`` (did you mean 'x'?)`` for the stored key nearest a misspelt one, or nothing."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def check_declared_keys(
     table: LabelTable, specs: dict[str, FidelitySpec], what: str, scored: Sequence[LabelTable] = ()
 ) -> None:
-    """A declared key that no configuration carries is a typo, not a masked label.
+    """A declared key that no configuration carries is a typo, not a masked label: the error names the
+    stored key nearest it.
 
     ``scored``: validation/test tables, where forces that are only scored (``forces_weight: 0``, e.g.
     high-level forces computed for the test split alone) may be the only ones."""
+    info_keys = {k for s in table.configs.stores for k in s.manifest["info"]}
+    array_keys = {k for s in table.configs.stores for k in s.manifest["arrays"]}
     for h, (name, spec) in enumerate(specs.items()):
         if spec.energy_key is not None and not table.energy_mask[:, h].any():
             raise DataError(
-                f"{what}: fidelities.{name}.energy_key {spec.energy_key!r} is in no configuration; "
-                "check the key (atoms.info) or set it to null"
+                f"{what}: fidelities.{name}.energy_key {spec.energy_key!r} is in no configuration"
+                f"{_nearest(spec.energy_key, info_keys)}; check the key (atoms.info) or set it to null"
             )
         pool = [table] if spec.forces_weight > 0 else [table, *scored]
+        elsewhere = any(t.forces_mask[:, h].any() for t in scored)
+        if spec.forces_key is not None and spec.forces_weight > 0 and not table.forces_mask[:, h].any() and elsewhere:
+            raise DataError(
+                f"{what}: fidelities.{name}.forces_key {spec.forces_key!r} is only in the validation/test data, "
+                f"and forces_weight {spec.forces_weight} would train on it; set fidelities.{name}.forces_weight: 0 "
+                "to score those forces without training on them"
+            )
         if spec.forces_key is not None and not any(t.forces_mask[:, h].any() for t in pool):
             trained = (
                 f" (forces_weight {spec.forces_weight} trains on them; with energies only, set forces_key: null "
@@ -134,6 +151,6 @@ def check_declared_keys(
                 else ""
             )
             raise DataError(
-                f"{what}: fidelities.{name}.forces_key {spec.forces_key!r} is in no configuration; "
-                f"check the key (atoms.arrays) or set it to null{trained}"
+                f"{what}: fidelities.{name}.forces_key {spec.forces_key!r} is in no configuration"
+                f"{_nearest(spec.forces_key, array_keys)}; check the key (atoms.arrays) or set it to null{trained}"
             )

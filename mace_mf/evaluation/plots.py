@@ -65,30 +65,37 @@ def _parity(ax, ref: np.ndarray, out: np.ndarray, label: str, err: np.ndarray, u
 
 
 def curve_plot(epochs: list[dict[str, Any]], best_epoch: int, fidelities: list[str], path: Path) -> bool:
-    """Validation errors of every fidelity per epoch (history records); False when there were none."""
+    """Training loss, and validation errors of every fidelity, per epoch (history records), on log
+    axes labelled with plain numbers; the kept (best) epoch marked. False when there were no epochs."""
     if not epochs:
         return False
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     numbers = [r["epoch"] for r in epochs]
+    axes[0].plot(numbers, [r["train"]["loss"] for r in epochs], marker="o", ms=3, color="0.2", label="train loss")
+    axes[0].plot(numbers, [r["valid_loss"] for r in epochs], marker="o", ms=3, color="C3", label="valid loss")
     for name in fidelities:
-        for ax, key in zip(axes, ("e_rmse_meV_atom", "f_rmse_meV_A"), strict=True):
+        for ax, key in zip(axes[1:], ("e_rmse_meV_atom", "f_rmse_meV_A"), strict=True):
             values = [r["valid"][name][key] for r in epochs]
             if all(v is not None for v in values):
                 ax.plot(numbers, values, marker="o", ms=3, label=name)
-    for ax, title in zip(axes, ("valid energy RMSE (meV/atom)", "valid force RMSE (meV/Å)"), strict=True):
+    titles = ("loss (weighted, eV², eV²/Å²)", "valid energy RMSE (meV/atom)", "valid force RMSE (meV/Å)")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    for ax, title in zip(axes, titles, strict=True):
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        if best_epoch >= 0:
+            ax.axvline(best_epoch, color="0.6", ls="--", lw=1, label=f"kept: epoch {best_epoch}")
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    if best_epoch >= 0:
-        for ax in axes:
-            ax.axvline(best_epoch, color="0.6", ls="--", lw=1)
+            ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -35,6 +35,7 @@ from ase.calculators.calculator import Calculator
 from mace_mf.errors import LabelError
 from mace_mf.files import file_sha256
 from mace_mf.labels.charge import charge_and_multiplicity
+from mace_mf.quiet import silence_known_noise
 
 TBLITE_METHODS = {"gfn2-xtb": "GFN2-xTB", "gfn1-xtb": "GFN1-xTB", "ipea1-xtb": "IPEA1-xTB"}
 IMPORT_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -256,6 +257,7 @@ def init_worker(kind: str) -> None:
     Ctrl-C is left to the parent, which stops submitting, keeps the finished results and exits;
     a worker killed by it would look like a crash and be retried."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    silence_known_noise()
     if kind == "mace":
         import torch
 

@@ -1,7 +1,8 @@
 """Files for ASE, stock MACE and MD engines.
 
 - ``<fidelity>.model``: a single-head ScaleShiftMACE (its one head named after the fidelity),
-- ``multihead.model``: every fidelity as a head (``MACECalculator(..., head="dft")``),
+- ``multihead.model``: every fidelity as a head (``MACECalculator(..., head="dft")``), the target
+  fidelity first (what a client without a head argument runs),
 - ``<fidelity>.compiled.model``: TorchScript of the single-head model (OpenMM-style use, or any
   engine that calls a MACE forward),
 - ``<fidelity>.model-lammps.pt`` (``lammps``): what mace-torch's ``mace_create_lammps_model`` makes
@@ -104,17 +105,19 @@ def export_models(
     if multihead and getattr(model, EMBEDDING_PARAMETER, None) is not None:
         log.warning("fidelity-conditioned backbone: heads do not share a backbone, multihead.model not written")
         multihead = False
+    order = names
     if multihead:
         path = folder / MULTIHEAD
+        # The target first: a client that knows no heads (OpenMM-ML, a forward without `head`) runs
+        # head 0, and should get the level the run was for, as mace-torch puts a fine-tuned head first.
+        target = metadata.get("target")
+        order = [target, *(n for n in names if n != target)] if target in names else names
         # Delta heads exist only in training; the file holds each head folded into a stock readout.
-        stock = (
-            model
-            if all(b is None for b in delta_bases(model))
-            else merge_heads([extract_head(model, n) for n in names], names)
-        )
+        plain = all(b is None for b in delta_bases(model)) and order == names
+        stock = model if plain else merge_heads([extract_head(model, n) for n in order], order)
         atomic_torch_save(_portable(stock, metadata), path)
         written.append(path)
-    atomic_write_text(folder / HEADS_LIST, "\n".join(head_names(model)) + "\n")
+    atomic_write_text(folder / HEADS_LIST, "\n".join(order) + "\n")
     log.info("exported %s", ", ".join(p.name for p in written))
     return written
 

@@ -104,6 +104,12 @@ def _load_file(path: Path) -> torch.nn.Module:
     try:
         model = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as exc:  # unpickling a damaged file raises anything (EOFError, OSError, BadZipFile...)
+        head = path.read_bytes()[:512]
+        if head and not head.startswith((b"PK", b"\x80")) and _is_text(head):  # not a zip or pickle: text
+            raise FoundationError(
+                f"foundation.model: {path} is a text file, not a MACE model (a .model file is a torch "
+                "pickle, as mace-torch saves it); give a MACE .model file"
+            ) from None
         raise FoundationError(
             f"foundation.model: {path} is not a loadable MACE model "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); is the file truncated?"
@@ -114,6 +120,14 @@ def _load_file(path: Path) -> torch.nn.Module:
             "export a full model (mace's `.model`) and point at it"
         )
     return model
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _upgrade(model: torch.nn.Module) -> list[str]:

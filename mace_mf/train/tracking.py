@@ -29,12 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from mace_mf.config.schema import Recipe
 from mace_mf.evaluation.metrics import METRIC_KEYS, PAIR_KEYS
+from mace_mf.quiet import WANDB_NOISE, dropped_lines
 from mace_mf.run_folder import HEADS_LIST, RunFolder
 from mace_mf.version import versions
 
@@ -114,19 +116,25 @@ class WandbTracker(Tracker):
         spec = recipe.wandb
         mode, reason = effective_mode(spec.mode)
         self._wandb = wandb
-        self.run = wandb.init(
-            project=spec.project,
-            entity=spec.entity,
-            group=spec.group,
-            tags=spec.tags or None,
-            name=spec.name or recipe.name,
-            config=recipe.model_dump(mode="json"),
-            mode=mode,
-            dir=os.environ.get("WANDB_DIR", str(out)),
-            id=resume_id,
-            resume="allow" if resume_id else None,
-            settings=durable_settings(wandb),
-        )
+        self._quiet = ExitStack()  # for the run's life: wandb wraps stderr for its console log at init
+        self._quiet.enter_context(wandb_quiet())
+        try:
+            self.run = wandb.init(
+                project=spec.project,
+                entity=spec.entity,
+                group=spec.group,
+                tags=spec.tags or None,
+                name=spec.name or recipe.name,
+                config=recipe.model_dump(mode="json"),
+                mode=mode,
+                dir=os.environ.get("WANDB_DIR", str(out)),
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=durable_settings(wandb),
+            )
+        except BaseException:
+            self._quiet.close()
+            raise
         self.run_id = self.run.id
         self.offline = mode == "offline"
         if reason is not None:
@@ -169,9 +177,17 @@ class WandbTracker(Tracker):
         self.run.log_artifact(model_artifact(wandb, self.run.id, out, files, metadata), aliases=["best", "latest"])
 
     def finish(self, failed: bool = False) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
+        try:
+            self.run.finish(exit_code=1 if failed else 0)
+        finally:
+            self._quiet.close()
         if self.offline:
             log.info("wandb: offline run %s; upload with `wandb sync %s`", self.run.id, self.sync_glob)
+
+
+def wandb_quiet() -> Any:
+    """wandb's lines that contradict the recipe (its advice to go online) or repeat on every save."""
+    return dropped_lines("stderr", *WANDB_NOISE)
 
 
 def durable_settings(wandb: Any) -> Any:

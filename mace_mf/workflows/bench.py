@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,14 +39,16 @@ from typing import Any
 
 import numpy as np
 
-from mace_mf.config.loading import load_recipe
+from mace_mf.config.loading import dump_recipe, load_recipe
 from mace_mf.config.schema import Recipe
 from mace_mf.data.store import cache_root, open_configurations
 from mace_mf.data.table import label_table
 from mace_mf.errors import RecipeError, RunError
 from mace_mf.evaluation.pairs import paired_preference, weighted_rmse
 from mace_mf.files import atomic_write_text
+from mace_mf.quiet import silence_known_noise
 from mace_mf.run_folder import RunFolder
+from mace_mf.train.threads import RUNS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,12 @@ TIE = 1.05  # a 90 % bootstrap interval of the RMSE ratio inside [1/TIE, TIE]: t
 # the low head and the zero-shot foundation never see a high-level label (their high-level energies
 # are the low level's, or the foundation's, with refitted E0s). They are scored, never recommended.
 NOT_RECIPES = ("sf-high-ef", "sf-low", "zero-shot")
+CLOSURE_NOTE = (
+    "closure = (F RMSE of energies only − F RMSE of the arm) / (F RMSE of energies only − F RMSE of the oracle): "
+    "the share of what {high} forces would teach that the arm recovers without them. 1: as good as the oracle; "
+    "0: no better than {high} energies alone; below 0: worse than {high} energies alone (the low level's forces "
+    "mislead the {high} head more than they help)."
+)
 SCORED = ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A", "fd_rmse_meV_A", "n_pairs")
 
 
@@ -149,6 +158,10 @@ def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, 
     from mace_mf.workflows.run import train_run
 
     path = run_dir(out, arm.name, seed, fraction)
+    if int(os.environ.get(RUNS_ENV, "1")) > 1:  # runs side by side: say whose every log line is
+        tag = str(path.relative_to(out))
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}: %(message)s"))
     overrides = [*common, *arm.overrides, f"seed={seed}"]
     if fraction < 1.0:
         overrides.append(f"fidelities.{high}.label_fraction={fraction}")
@@ -182,8 +195,12 @@ def _check_reused(path: Path, recipe: Recipe) -> None:
         )
 
 
-def _log_to_stderr(level: int) -> None:
+def _worker_setup(level: int, workers: int) -> None:
+    """A bench worker process: logging, known noise silenced, and the thread default told how many
+    runs share the cores."""
     logging.basicConfig(level=level, format="%(asctime)s %(message)s")
+    silence_known_noise()
+    os.environ[RUNS_ENV] = str(workers)
 
 
 def _run_jobs(
@@ -195,7 +212,7 @@ def _run_jobs(
     # spawn, not fork: a forked child would inherit torch's thread pools and any open files mid-write.
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_log_to_stderr, initargs=(level,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup, initargs=(level, workers)) as pool:
         futures = [pool.submit(run_arm, recipe_file, arm, seed, f, high, out, common) for arm, seed, f in jobs]
         return [future.result() for future in futures]
 
@@ -365,12 +382,14 @@ def pair_squared_errors(path: Path, high: str) -> tuple[np.ndarray, np.ndarray, 
     return values**2, np.array(record["weights"], dtype=float), int(record.get("geometries", len(values)))
 
 
-def recommendation(arm: Arm, recipe_file: Path) -> str:
-    """The recipe that the chosen arm is, as a command."""
-    if not arm.overrides:
-        return f"the recipe as written: mace-mf train {recipe_file}"
-    sets = " ".join(f"--set {o}" for o in arm.overrides)
-    return f"{arm.description}: mace-mf train {recipe_file} {sets}"
+def recommendation(arm: Arm, recipe_file: Path, out: Path, common: list[str]) -> str:
+    """The recipe that the chosen arm is, written whole to ``<out>/recommended.yaml`` (every key
+    resolved, paths absolute: a file to keep and train with), and the command that trains it."""
+    recipe = load_recipe(recipe_file, [*common, *arm.overrides])
+    path = out / "recommended.yaml"
+    atomic_write_text(path, dump_recipe(recipe))
+    what = "the recipe as written" if not arm.overrides else f"{arm.name} ({arm.description})"
+    return f"{what}: mace-mf train {path}"
 
 
 def decide(
@@ -380,6 +399,8 @@ def decide(
     high: str,
     recipe_file: Path,
     mf_arm: str,
+    out: Path,
+    common: list[str],
 ) -> dict[str, Any]:
     """Which arm to train: the lowest validation force error among the recipes for the high level
     (never :data:`NOT_RECIPES`).
@@ -403,7 +424,7 @@ def decide(
         decision["resolved"] = True
         decision["line"] = (
             f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å; next {second} "
-            f"{forces[second]:.0f}). Recommended: {recommendation(arms[best], recipe_file)}"
+            f"{forces[second]:.0f}). Recommended: {recommendation(arms[best], recipe_file, out, common)}"
         )
         return decision
     squared: dict[str, np.ndarray] = {}
@@ -460,7 +481,8 @@ def decide(
         f"decided without {high} forces, on {n} displacement pairs ({2 * n} {high} energies, {geometries} "
         f"validation geometries): {best} has the lowest directional-force RMSE, {values[best]:.0f} meV/Å, "
         f"against {second} {values[second]:.0f} (RMSE ratio {low:.2f}–{high_ratio:.2f}, 90 % bootstrap); preferred in "
-        f"{preference:.0%} of resamples of the pairs: {state}. Recommended: {recommendation(arms[best], recipe_file)}"
+        f"{preference:.0%} of resamples of the pairs: {state}. "
+        f"Recommended: {recommendation(arms[best], recipe_file, out, common)}"
     )
     return decision
 
@@ -536,7 +558,7 @@ def run_benchmark(
         folders.setdefault(key, []).append(path)
     summary = summarise(scores)
     mf_arm = next((a for a in ("mf", *arm_names) if a in summary and a.startswith("mf")), "mf")
-    decision = decide(folders, summary, arms, high, recipe_file, mf_arm)
+    decision = decide(folders, summary, arms, high, recipe_file, mf_arm, out, common)
     gaps = label_gap(base, low, high)
     result = {
         "recipe": str(recipe_file),
@@ -556,6 +578,8 @@ def run_benchmark(
         out / "results.md",
         markdown_table(summary, high, arms)
         + "\n"
+        + CLOSURE_NOTE.format(high=high)
+        + "\n\n"
         + (gap_text + "\n\n" if gap_text else "")
         + result["verdict"]
         + "\n\n"

@@ -95,12 +95,15 @@ def write_report(
         lines += ["", "## MD stability check (`md_check.json`)", "", *md_check_markdown(md_record)]
     lines += ["", "## Exported files", ""]
     lines += [f"- `{p.relative_to(out)}`" for p in files]
-    lines += [
-        "",
-        "Load in ASE without mace_mf: `MACECalculator(model_paths='models/<fidelity>.model')`, or "
-        "`MACECalculator(model_paths='models/multihead.model', head='<fidelity>')`.",
-        "",
-    ]
+    names = {p.name for p in files}
+    single = f"{recipe.target}.model" if f"{recipe.target}.model" in names else None
+    if single or "multihead.model" in names:
+        lines += ["", "Load in ASE without mace_mf:", ""]
+        if single:
+            lines.append(f"- `MACECalculator(model_paths='models/{single}')` (the target, `{recipe.target}`)")
+        if "multihead.model" in names:
+            lines.append("- `MACECalculator(model_paths='models/multihead.model', head='<fidelity>')` (target first)")
+        lines.append("")
     path = folder.report
     atomic_write_text(path, "\n".join(lines))
     return path

@@ -40,6 +40,7 @@ from mace_mf.model.foundation import FoundationInfo, load_model_file
 from mace_mf.model.heads import extract_head
 from mace_mf.run_folder import RunFolder
 from mace_mf.train.distributed import Dist, broadcast, local_batch_size, local_device, session
+from mace_mf.train.threads import default_threads
 from mace_mf.train.tracking import make_tracker
 from mace_mf.train.trainer import Trainer
 from mace_mf.version import versions
@@ -230,6 +231,10 @@ def _train_run(
     np.random.seed(recipe.seed)
     if recipe.num_threads is not None:
         torch.set_num_threads(recipe.num_threads)
+    else:
+        threads, why = default_threads()
+        torch.set_num_threads(threads)
+        log.info("num_threads: %d (%s; set num_threads to choose)", threads, why)
     device = local_device(resolve_device(recipe.device), dist)
     cache_dir = Path(recipe.data.label_cache) if recipe.data.label_cache else out.resolve().parent / "label-cache"
     prepared = prepare(recipe, cache_dir, device, dist)
@@ -238,7 +243,13 @@ def _train_run(
         return _peer_training(model, recipe, splits, device, out, previous, dist)
     folder = RunFolder(out)
     tracker = make_tracker(recipe, out, recipe_file, (previous or {}).get("wandb_id"))
-    run_record = {"status": "running", **versions(), "wandb_id": tracker.run_id, "foundation": info.source}
+    run_record = {
+        "status": "running",
+        **versions(),
+        "wandb_id": tracker.run_id,
+        "foundation": info.source,
+        "num_threads": torch.get_num_threads(),
+    }
     if prepared.labelled_files:
         run_record["labelled_files"] = prepared.labelled_files
     folder.write_record(run_record)
@@ -270,8 +281,9 @@ def _train_run(
         wall = time.perf_counter() - started
         write_report(out, recipe, info, splits, metrics, zero_shot, history, prepared.e0s, files, wall, md_record)
         tracker.log_final(out, metrics, files, metadata)
-    except BaseException:
-        run_record["status"] = "failed"
+    except BaseException as exc:
+        # Ctrl-C (SIGINT) or a SIGTERM turned into KeyboardInterrupt: the run can go on with --resume.
+        run_record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         folder.write_record(run_record)
         tracker.finish(failed=True)
         raise
