@@ -206,10 +206,19 @@ def _floats(text: str, option: str) -> list[float]:
 def bench(
     recipe_file: Annotated[Path, typer.Argument(metavar="RECIPE", help="Recipe YAML file (the `mf` arm).")],
     out: Annotated[Path, typer.Option(help="Benchmark folder; finished runs in it are not rerun.")],
-    arms: Annotated[str, typer.Option(help="Comma-separated arms.")] = "zero-shot,sf-high-e,sf-high-ef,sf-low,mf",
+    arms: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated arms [default: zero-shot,sf-high-e,sf-high-ef,sf-low,mf, less any that trains on "
+            "labels the training data lacks: the oracle without high-level training forces]",
+            show_default=False,
+        ),
+    ] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     fractions: Annotated[str, typer.Option(help="Fractions of high-level energies for the learning curve.")] = "1",
-    fraction_arms: Annotated[str, typer.Option(help="Arms run at every fraction.")] = "sf-high-e,mf",
+    fraction_arms: Annotated[
+        str | None, typer.Option(help="Arms run at every fraction [default: sf-high-e,mf]", show_default=False)
+    ] = None,
     low: Annotated[str | None, typer.Option(help="Low fidelity (default: the first non-target).")] = None,
     high: Annotated[str | None, typer.Option(help="High fidelity (default: training.target).")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Runs trained at once, one process each.")] = 1,
@@ -219,18 +228,22 @@ def bench(
     multi-fidelity pays on this data (closure on the validation split)."""
     from mace_mf.workflows.bench import run_benchmark
 
-    run_benchmark(
-        recipe_file,
-        out,
-        [a for a in arms.split(",") if a],
-        [int(x) for x in _floats(seeds, "--seeds")],
-        _floats(fractions, "--fractions"),
-        [a for a in fraction_arms.split(",") if a],
-        list(set_ or []),
-        low,
-        high,
-        workers,
-    )
+    try:
+        run_benchmark(
+            recipe_file,
+            out,
+            None if arms is None else [a for a in arms.split(",") if a],
+            [int(x) for x in _floats(seeds, "--seeds")],
+            _floats(fractions, "--fractions"),
+            None if fraction_arms is None else [a for a in fraction_arms.split(",") if a],
+            list(set_ or []),
+            low,
+            high,
+            workers,
+        )
+    except KeyboardInterrupt:
+        err.print(f"bench interrupted; finished arms are kept: run the same command to continue {out}", soft_wrap=True)
+        raise typer.Exit(130) from None
     sys.stdout.write((out / "results.md").read_text())
 
 
@@ -478,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print("aborted")
         return 130
     except KeyboardInterrupt:
-        err.print("interrupted; continue with --resume --out <run folder>")
+        err.print("interrupted")
         return 130
     # In non-standalone mode click returns a command's typer.Exit(code) instead of raising it.
     return result if isinstance(result, int) else 0

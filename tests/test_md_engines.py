@@ -4,10 +4,17 @@ single-head file and from `multihead.model` without a head argument (the target 
 Each engine runs 100 steps of MD from the stock calculator's starting point, and its energies and
 forces on its own final geometry equal stock `MACECalculator`'s to 1e-6 relative. The engines are in
 the `md` extra (and `dev`); a test is skipped, with the reason, only where its package cannot be
-imported. LAMMPS is not here: no installable build has `pair_style mace` (README, "Running MD").
+imported. No installable LAMMPS has `pair_style mace`: its test runs `scripts/lammps_check.py` where
+``MACE_MF_LMP`` names an executable built from ACEsuit's fork (the script says how), else is skipped.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,7 +41,7 @@ def exported(tmp_path_factory, tiny_model_file, two_fidelity_files):
     tree["md_check"] = {"enabled": False}
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     run = train_run(load_recipe(path), folder / "run")
-    return {"single": run / "models" / "hi.model", "multihead": run / "models" / "multihead.model"}
+    return {"run": run, "single": run / "models" / "hi.model", "multihead": run / "models" / "multihead.model"}
 
 
 def reference(path, atoms: Atoms) -> tuple[float, np.ndarray]:
@@ -157,3 +164,18 @@ def test_torch_sim(exported, file):
         assert float(results["energy"][k]) == pytest.approx(energy, rel=1e-6)
         np.testing.assert_allclose(results["forces"][per_system == k].detach().numpy(), forces, rtol=1e-6, atol=1e-8)
         assert np.abs(moved.positions - atoms.positions).max() > 1e-3
+
+
+@pytest.mark.skipif(
+    not os.environ.get("MACE_MF_LMP"),
+    reason="MACE_MF_LMP is not set to a LAMMPS built with ML-MACE (ACEsuit's fork; scripts/lammps_check.py says how)",
+)
+def test_lammps_runs_the_exported_file_as_the_stock_calculator(exported, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "lammps_check.py"
+    out = tmp_path / "lammps"
+    args = ["--lmp", os.environ["MACE_MF_LMP"], "--run", str(exported["run"]), "--out", str(out), "--molecules", "2"]
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["passed"] and len(results["each"]) == 4
+    assert results["worst"]["forces_eV_per_A"] < 1e-7

@@ -8,6 +8,7 @@ import os
 import shutil
 
 import ase.io
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -120,6 +121,20 @@ def test_data_files_are_converted_once_and_found_again_by_content(tmp_path):
     again = open_data(copy, None, cache)  # another path, the same bytes
     assert again.path == first.path and (again.path / "manifest.json").stat().st_mtime_ns == stamp
     assert len(list(cache.glob("*-extxyz-*"))) == 1
+
+
+def test_a_store_from_another_layout_is_refused_and_a_cached_one_rebuilt(tmp_path):
+    path = labelled_file(tmp_path)
+    cache = tmp_path / "cache"
+    cached = open_data(path, None, cache)
+    shard = next(cached.path.glob("shard-*.h5"))
+    with h5py.File(shard, "a") as handle:
+        del handle["atom_start"]  # what a shard from a development build of the same format looked like
+    with pytest.raises(DataError, match=r"shard lacks atom_start .* rebuild the store"):
+        Store(cached.path).shard(0)
+    rebuilt = open_data(path, None, cache)
+    assert rebuilt.path == cached.path and rebuilt.shard(0).has("atom_start")
+    same_atoms(rebuilt.atoms(0), ase.io.read(path, 0))
 
 
 def test_mace_torch_hdf5_and_lmdb_data_are_read(tmp_path):

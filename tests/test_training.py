@@ -84,17 +84,27 @@ def test_multi_head_foundation_needs_a_chosen_head(tmp_path, two_fidelity_files)
     assert load(out).heads == ["hi", "lo"]  # the multi-head export: the target first
 
 
-def test_the_thread_default_shares_the_cores_and_leaves_busy_ones_alone(monkeypatch):
+def test_the_thread_default_shares_the_cores_and_leaves_busy_ones_alone(monkeypatch, tmp_path):
     from mace_mf.train import threads
 
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    monkeypatch.delenv(threads.RUNS_ENV, raising=False)
+    monkeypatch.setattr(threads, "SAMPLE_INTERVAL_S", 0.0)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    cases = [((0.1, 0, 0), None, 4), ((0.1, 0, 0), "2", 2), ((2.6, 0, 0), None, 1), ((9.0, 0, 0), "2", 1)]
-    for load, runs, expected in cases:
-        monkeypatch.setattr(threads.os, "getloadavg", lambda load=load: load)
+    loadavg = tmp_path / "loadavg"
+    monkeypatch.setattr(threads, "PROC_LOADAVG", loadavg)
+    # The one-minute average (first field) is high in every case: the work that just finished
+    # must not count; the runnable tasks now (fourth field, this process included) do.
+    cases = [(1, None, 4), (1, "2", 2), (4, None, 1), (3, None, 2), (10, "2", 1)]
+    for running, runs, expected in cases:
+        loadavg.write_text(f"3.50 2.00 1.00 {running}/180 4242\n")
         if runs is None:
             monkeypatch.delenv(threads.RUNS_ENV, raising=False)
         else:
             monkeypatch.setenv(threads.RUNS_ENV, runs)
-        assert threads.default_threads()[0] == expected, (load, runs)
+        assert threads.default_threads()[0] == expected, (running, runs)
+    # Without /proc (macOS), the load average stands in.
+    monkeypatch.setattr(threads, "PROC_LOADAVG", tmp_path / "absent")
+    monkeypatch.delenv(threads.RUNS_ENV, raising=False)
+    for load, expected in [(0.1, 4), (2.6, 1)]:
+        monkeypatch.setattr(threads.os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert threads.default_threads()[0] == expected, load

@@ -434,7 +434,8 @@ class Recipe(_Section):
         ge=1,
         description=(
             "CPU threads for torch; null: the cores this process may use, divided among the runs that share them "
-            "(`bench --workers`, torchrun) and less those that other work keeps busy (load average), at least 1."
+            "(`bench --workers`, torchrun) and less those that other processes keep busy now (runnable tasks; "
+            "the load average where /proc is absent), at least 1."
         ),
     )
     foundation: FoundationSpec

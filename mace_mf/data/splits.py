@@ -93,28 +93,24 @@ def _store_cache(recipe: Recipe) -> Path:
     return cache_root(recipe.data.store_cache)
 
 
-def select_data(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Module | None = None) -> Selected:
-    """Open, check and split the data into train, valid and test label tables, label subsets applied.
+def split_tables(recipe: Recipe) -> Selected:
+    """Open, check and split the data into train, valid and test label tables, before any label subset.
 
-    ``foundation`` (its starting head) chooses the geometries of a ``label_selection`` other than
-    ``random``. Fractions are of the whole training file, so test and valid sizes do not depend on
-    each other.
+    Fractions are of the whole training file, so test and valid sizes do not depend on each other.
+    Needs no model: what a benchmark reads to know which labels its arms can train on.
     """
     specs, d = recipe.fidelities, recipe.data
     cache, workers = _store_cache(recipe), d.preprocess_workers
-    configs = {"train": open_configurations(d.train, d.format, cache, workers)}
-    train = label_table(configs["train"], specs)
+    train = label_table(open_configurations(d.train, d.format, cache, workers), specs)
     total = len(train)
     test: LabelTable | None = None
     if d.test is not None:
-        configs["test"] = open_configurations(d.test, d.format, cache, workers)
-        test = label_table(configs["test"], specs)
+        test = label_table(open_configurations(d.test, d.format, cache, workers), specs)
     elif d.test_fraction > 0:
         kept, held = split_off(len(train), max(1, round(d.test_fraction * total)), recipe.seed, salt=2)
         train, test = train.take(kept), train.take(held)
     if d.valid is not None:
-        configs["valid"] = open_configurations(d.valid, d.format, cache, workers)
-        valid = label_table(configs["valid"], specs)
+        valid = label_table(open_configurations(d.valid, d.format, cache, workers), specs)
     else:
         if d.valid_fraction <= 0:
             raise RecipeError("data.valid: no validation file and data.valid_fraction is 0; give one of them")
@@ -126,16 +122,29 @@ def select_data(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Modul
     if d.max_train is not None and len(train) > d.max_train:
         kept, _ = split_off(len(train), len(train) - d.max_train, recipe.seed, salt=3)
         train = train.take(kept)
-    for name, found in configs.items():
-        check_elements(info, found.elements, f"data.{name}")
-    subsample_labels(train, recipe, label_chooser(recipe, train, foundation))
-    t = list(specs).index(recipe.target)
-    if not len(valid.labelled(t)):
+    return Selected(train, valid, test)
+
+
+def select_data(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Module | None = None) -> Selected:
+    """:func:`split_tables`, the foundation's elements checked, label subsets applied.
+
+    ``foundation`` (its starting head) chooses the geometries of a ``label_selection`` other than
+    ``random``.
+    """
+    selected = split_tables(recipe)
+    checked: set[int] = set()
+    for name, table in selected.tables().items():
+        if id(table.configs) not in checked:  # a split held out of the training file is checked with it
+            checked.add(id(table.configs))
+            check_elements(info, table.configs.elements, f"data.{name}")
+    subsample_labels(selected.train, recipe, label_chooser(recipe, selected.train, foundation))
+    t = list(recipe.fidelities).index(recipe.target)
+    if not len(selected.valid.labelled(t)):
         raise RecipeError(
             f"training.target: fidelity {recipe.target!r} has no labels in the validation data; "
             "label it there or choose another target"
         )
-    return Selected(train, valid, test)
+    return selected
 
 
 def label_chooser(recipe: Recipe, train: LabelTable, model: torch.nn.Module | None) -> Chooser | None:

@@ -50,6 +50,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -77,6 +78,8 @@ CHUNK = 10_000  # configurations per shard: one worker's unit of work and of res
 MIN_DISTANCE = 0.1  # Å: closer atoms are a broken geometry, not chemistry
 PER_ATOM_RESULTS = ("forces", "energies", "charges", "magmoms", "stresses")  # ASE results with a row per atom
 CACHE_ENV = "MACE_MF_CACHE"
+# datasets every shard has, whatever its labels (a shard without one was not written by this format)
+SHARD_DATASETS = ("n_atoms", "atom_start", "source_index", "cell", "pbc", "numbers", "positions")
 OPEN_SHARDS = 256  # file descriptors a process keeps open per store (the rest reopen on demand)
 
 
@@ -736,6 +739,12 @@ class _Shard:
                     self.layout[name] = (item.id.get_offset(), item.dtype, item.shape, row)
 
             handle.visititems(visit)
+        missing = [name for name in SHARD_DATASETS if name not in self.layout]
+        if missing:
+            raise DataError(
+                f"{path}: shard lacks {', '.join(missing)} (written by another mace_mf version); "
+                "rebuild the store with this version's mace-mf preprocess"
+            )
         self._fd: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -1002,13 +1011,29 @@ def open_data(path: str | Path, fmt: str | None, cache: Path, workers: int = 1) 
     digest = _content_hash(path, cache)
     key = f"{digest[:24]}-{kind}-{fmt or 'auto'}-v{STORE_FORMAT}"
     folder = cache / key
-    if (folder / MANIFEST).is_file():
+    if (folder / MANIFEST).is_file() and _readable(folder):
         return Store(folder)
     with _locked(cache / "locks" / f"{key}.lock"):
+        if (folder / MANIFEST).is_file() and not _readable(folder):
+            log.warning("%s: cached store unreadable by this mace_mf version; converting %s again", folder, path)
+            shutil.rmtree(folder)
         if not (folder / MANIFEST).is_file():
             log.info("%s: converting to a store in %s (once; later runs reuse it)", path, folder)
             preprocess([path], folder, workers=workers, fmt=fmt, digests=[digest])
     return Store(folder)
+
+
+def _readable(folder: Path) -> bool:
+    """Whether a cached store opens and its first shard has this format's datasets (a cache written by
+    a development version of the same format number may not); the cache is ours to rebuild."""
+    try:
+        store = Store(folder)
+        if store.manifest["shards"]:
+            store.shard(0)
+        store.close()
+    except DataError:
+        return False
+    return True
 
 
 class Configurations:

@@ -5,6 +5,7 @@ pairs resolve which of two models has the better forces.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,9 +15,11 @@ from mace.tools.torch_geometric import DataLoader
 
 from mace_mf.data.graphs import batch_dict, graphs_for_model
 from mace_mf.data.pairs import Pairs
+from mace_mf.evaluation.metrics import INTERVAL_KEYS, PAIR_KEYS
 from mace_mf.model.forward import fidelity_energies, fidelity_forces
 
 BOOTSTRAP_SAMPLES = 2000
+RESOLUTION = 0.05  # the relative half-width of the 95 % interval that `fd_pairs_for_5pct` asks for
 
 
 def directional_forces(
@@ -41,19 +44,21 @@ def directional_forces(
 
 
 def pair_metrics(pairs: Pairs, predicted: np.ndarray, fidelities: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per fidelity: ``fd_rmse_meV_A`` (the 3N-weighted directional-force RMSE), ``n_pairs``, and the
-    signed per-pair errors (meV/Å, None where the fidelity has no pair energies)."""
+    """Per fidelity: ``fd_rmse_meV_A`` (the 3N-weighted directional-force RMSE) with its 95 %
+    bootstrap interval and the pairs that would narrow it to ±5 % (:func:`rmse_interval`),
+    ``n_pairs``, and the signed per-pair errors (meV/Å, None where the fidelity has no pair energies)."""
     result: dict[str, dict[str, Any]] = {}
     weights = pairs.weights
     for j, name in enumerate(fidelities):
         errors = (predicted[:, j] - pairs.reference[:, j]) * 1000.0
         sel = np.isfinite(errors)
-        rmse = float(np.sqrt((weights[sel] * errors[sel] ** 2).sum() / weights[sel].sum())) if sel.any() else None
-        result[name] = {
-            "fd_rmse_meV_A": rmse,
-            "n_pairs": int(sel.sum()),
-            "errors_meV_A": [float(e) if ok else None for e, ok in zip(errors, sel, strict=True)],
-        }
+        entry: dict[str, Any] = dict.fromkeys(INTERVAL_KEYS)
+        entry["fd_rmse_meV_A"] = weighted_rmse(errors[sel] ** 2, weights[sel]) if sel.any() else None
+        if sel.sum() > 1:
+            entry.update(zip(INTERVAL_KEYS, rmse_interval(errors[sel] ** 2, weights[sel]), strict=True))
+        entry["n_pairs"] = int(sel.sum())
+        entry["errors_meV_A"] = [float(e) if ok else None for e, ok in zip(errors, sel, strict=True)]
+        result[name] = entry
     return result
 
 
@@ -71,7 +76,7 @@ def score_pairs(
     ``pair_errors.json`` holds) keeps the per-pair errors, to compare two models pair by pair."""
     scored = pair_metrics(pairs, directional_forces(model, pairs, heads, device, batch_size), fidelities)
     for name, entry in scored.items():
-        metrics[name].update(fd_rmse_meV_A=entry["fd_rmse_meV_A"], n_pairs=entry["n_pairs"])
+        metrics[name].update({k: entry[k] for k in PAIR_KEYS})
     return {
         "source": pairs.source,
         "pair_ids": pairs.ids,
@@ -86,6 +91,26 @@ def weighted_rmse(squared: np.ndarray, weights: np.ndarray) -> float:
     return float(np.sqrt((weights * squared).sum() / weights.sum()))
 
 
+def _bootstrap_rmse(squared: Sequence[np.ndarray], weights: np.ndarray, seed: int) -> list[np.ndarray]:
+    """The directional RMSE of each model in ``squared`` over the same bootstrap resamples of the pairs."""
+    rng = np.random.default_rng(seed)
+    n = len(weights)
+    idx = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
+    w = weights[idx]
+    return [np.sqrt((w * s[idx]).sum(1) / w.sum(1)) for s in squared]
+
+
+def rmse_interval(squared: np.ndarray, weights: np.ndarray, seed: int = 0) -> tuple[float, float, int]:
+    """How far the pairs pin down one model's directional-force RMSE: the 2.5th and 97.5th percentiles
+    of its bootstrap resamples, and how many pairs would bring that interval to ±5 % of the estimate
+    (its relative half-width falls as 1/sqrt(pairs), so ``n (half-width / 5 %)²``)."""
+    (resampled,) = _bootstrap_rmse([squared], weights, seed)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    centre = weighted_rmse(squared, weights)
+    half = (high - low) / 2.0 / max(centre, 1e-12)
+    return float(low), float(high), math.ceil(len(weights) * (half / RESOLUTION) ** 2)
+
+
 def paired_preference(
     squared_a: np.ndarray, squared_b: np.ndarray, weights: np.ndarray, seed: int = 0
 ) -> tuple[float, float, float]:
@@ -93,11 +118,6 @@ def paired_preference(
     the share of bootstrap resamples of the pairs (the same resample for both, so the difficulty the
     two share cancels) in which A's directional RMSE is lower, and the 5th and 95th percentiles of
     RMSE(A)/RMSE(B)."""
-    rng = np.random.default_rng(seed)
-    n = len(weights)
-    idx = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
-    w = weights[idx]
-    a = np.sqrt((w * squared_a[idx]).sum(1) / w.sum(1))
-    b = np.sqrt((w * squared_b[idx]).sum(1) / w.sum(1))
+    a, b = _bootstrap_rmse([squared_a, squared_b], weights, seed)
     ratio = a / np.maximum(b, 1e-12)
     return float((a < b).mean()), float(np.percentile(ratio, 5)), float(np.percentile(ratio, 95))

@@ -41,10 +41,12 @@ import numpy as np
 
 from mace_mf.config.loading import dump_recipe, load_recipe
 from mace_mf.config.schema import Recipe
+from mace_mf.data.splits import split_tables
 from mace_mf.data.store import cache_root, open_configurations
-from mace_mf.data.table import label_table
+from mace_mf.data.table import LabelTable, label_table
 from mace_mf.errors import RecipeError, RunError
-from mace_mf.evaluation.pairs import paired_preference, weighted_rmse
+from mace_mf.evaluation.metrics import INTERVAL_KEYS
+from mace_mf.evaluation.pairs import paired_preference, rmse_interval, weighted_rmse
 from mace_mf.files import atomic_write_text
 from mace_mf.quiet import silence_known_noise
 from mace_mf.run_folder import RunFolder
@@ -64,7 +66,14 @@ CLOSURE_NOTE = (
     "0: no better than {high} energies alone; below 0: worse than {high} energies alone (the low level's forces "
     "mislead the {high} head more than they help)."
 )
+PAIRS_NOTE = (
+    "F·u RMSE, pairs: the displacement pairs' estimate of each arm's {high} validation force RMSE (mean over "
+    "seeds ± their spread), with its 95 % bootstrap interval over the pairs in brackets; pairs for ±5 %: how many "
+    "pairs would narrow that interval to ±5 % (it narrows as 1/sqrt(pairs))."
+)
 SCORED = ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A", "fd_rmse_meV_A", "n_pairs")
+DEFAULT_ARMS = ("zero-shot", "sf-high-e", "sf-high-ef", "sf-low", "mf")
+DEFAULT_FRACTION_ARMS = ("sf-high-e", "mf")
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,48 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
         ),
     ]
     return {a.name: a for a in arms}
+
+
+def missing_labels(recipe: Recipe, train: LabelTable) -> list[str]:
+    """The labels that ``recipe`` trains on (a weight above 0) and no training configuration carries."""
+    missing = []
+    for h, (name, spec) in enumerate(recipe.fidelities.items()):
+        if spec.energy_key and spec.energy_weight > 0 and not train.energy_mask[:, h].any():
+            missing.append(f"{name} energies ({spec.energy_key})")
+        if spec.forces_key and spec.forces_weight > 0 and not train.forces_mask[:, h].any():
+            missing.append(f"{name} forces ({spec.forces_key})")
+    return missing
+
+
+def runnable_arms(
+    data_recipe: Recipe,
+    recipe_file: Path,
+    common: list[str],
+    arms: dict[str, Arm],
+    asked: list[str] | None,
+    default: tuple[str, ...],
+    option: str,
+) -> tuple[list[str], dict[str, str]]:
+    """The arms to run, and the default arms left out with the reason: an arm that trains on labels
+    the training data lacks (the oracle, where the high level has forces only in valid/test or
+    nowhere) is left out of the defaults, and refused where ``option`` asks for it by name."""
+    names = list(default) if asked is None else asked
+    unknown = [a for a in names if a not in arms]
+    if unknown:
+        raise RecipeError(f"{option}: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
+    train = split_tables(data_recipe).train
+    runnable, left_out = [], {}
+    for name in names:
+        missing = missing_labels(load_recipe(recipe_file, [*common, *arms[name].overrides]), train)
+        if not missing:
+            runnable.append(name)
+            continue
+        reason = f"{name} trains on {' and '.join(missing)}, which no training configuration carries"
+        if asked is not None:
+            raise RecipeError(f"{option}: {reason}; leave it out (the default arms do)")
+        left_out[name] = reason
+        log.warning("left out: %s", reason)
+    return runnable, left_out
 
 
 def _fraction_tag(fraction: float) -> str:
@@ -257,16 +308,22 @@ def summarise(scores: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
     return summary
 
 
+def _labelled(recipe: Recipe) -> Recipe:
+    """``recipe`` with data files that carry its computed labels (``fidelities.*.labels``), from the
+    benchmark's shared label cache: computed once there, and read by every arm."""
+    from mace_mf.labels.labelling import label_recipe_data
+
+    cache = Path(recipe.data.label_cache) if recipe.data.label_cache else Path("label-cache")
+    return label_recipe_data(recipe, cache)[0]
+
+
 def label_gap(recipe: Recipe, low: str, high: str) -> dict[str, dict[str, float]]:
     """Per split, the low-level force labels scored against the high-level ones (where both exist).
 
     Labels computed on the fly (``fidelities.*.labels``) are read from the benchmark's shared label
     cache, which the arms' runs have filled, so nothing is recomputed here.
     """
-    from mace_mf.labels.labelling import label_recipe_data
-
-    cache = Path(recipe.data.label_cache) if recipe.data.label_cache else Path("label-cache")
-    data_recipe, _ = label_recipe_data(recipe, cache)
+    data_recipe = _labelled(recipe)
     names = list(recipe.fidelities)
     lo, hi = names.index(low), names.index(high)
     gaps: dict[str, dict[str, float]] = {}
@@ -321,19 +378,32 @@ def _fmt(mean: float | None, std: float | None = None, digits: int = 0) -> str:
     return text + (f" ± {std:.{digits}f}" if std else "")
 
 
+def _has_pairs(summary: dict[str, dict[str, Any]]) -> bool:
+    return any(row.get("valid/fd_rmse_meV_A") is not None for row in summary.values())
+
+
 def markdown_table(summary: dict[str, dict[str, Any]], high: str, arms: dict[str, Arm]) -> str:
     """The results table: test figures (valid closure alongside), one row per arm and fraction."""
-    pairs = any(row.get("valid/fd_rmse_meV_A") is not None for row in summary.values())
-    pair_head = f" {high} F·u RMSE valid, pairs (meV/Å) |" if pairs else ""
+    pairs = _has_pairs(summary)
+    pair_head = f" {high} F·u RMSE valid, pairs (meV/Å) [95 %] | pairs for ±5 % |" if pairs else ""
     lines = [
         f"| arm | n | {high} F RMSE test (meV/Å) | {high} F MAE test | {high} E RMSE test (meV/atom) | "
         f"closure test | closure valid |{pair_head} wall (s) |",
-        "|---|---|---|---|---|---|---|---|" + ("---|" if pairs else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if pairs else ""),
     ]
     for key, row in summary.items():
         name = key.split("@")[0]
         label = f"`{key}`" + (f" ({arms[name].description})" if name in arms else "")
-        pair_cell = f" {_fmt(row['valid/fd_rmse_meV_A'], row['valid/fd_rmse_meV_A_std'])} |" if pairs else ""
+        pair_cell = ""
+        if pairs:
+            interval = ""
+            if row.get("valid/fd_rmse_lo_meV_A") is not None:
+                interval = f" [{row['valid/fd_rmse_lo_meV_A']:.0f}–{row['valid/fd_rmse_hi_meV_A']:.0f}]"
+            needed = row.get("valid/fd_pairs_for_5pct")
+            pair_cell = (
+                f" {_fmt(row['valid/fd_rmse_meV_A'], row['valid/fd_rmse_meV_A_std'])}{interval} |"
+                f" {'–' if needed is None else needed} |"
+            )
         lines.append(
             f"| {label} | {row['n']} | {_fmt(row['test/f_rmse_meV_A'], row['test/f_rmse_meV_A_std'])} | "
             f"{_fmt(row['test/f_mae_meV_A'], row['test/f_mae_meV_A_std'])} | "
@@ -380,6 +450,29 @@ def pair_squared_errors(path: Path, high: str) -> tuple[np.ndarray, np.ndarray, 
         return None
     values = np.array([np.nan if e is None else e for e in errors], dtype=float)
     return values**2, np.array(record["weights"], dtype=float), int(record.get("geometries", len(values)))
+
+
+def seed_mean_squared_errors(paths: list[Path], high: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """:func:`pair_squared_errors` averaged over an arm's seeds (every seed's model counts), or None
+    where a run has no pairs."""
+    per_seed = [pair_squared_errors(path, high) for path in paths]
+    if not per_seed or any(p is None for p in per_seed):
+        return None
+    _, weights, geometries = per_seed[0]  # type: ignore[misc]
+    return np.nanmean(np.stack([p[0] for p in per_seed]), axis=0), weights, geometries  # type: ignore[index]
+
+
+def add_pair_intervals(summary: dict[str, dict[str, Any]], runs: dict[str, list[Path]], high: str) -> None:
+    """Each arm's pairs estimate with its uncertainty: the 95 % bootstrap interval over the pairs of
+    the seed-averaged estimate, and the pairs that would narrow it to ±5 %."""
+    for key, paths in runs.items():
+        if (scored := seed_mean_squared_errors(paths, high)) is None:
+            continue
+        squared, weights, _ = scored
+        usable = np.isfinite(squared)
+        if usable.sum() > 1:
+            interval = rmse_interval(squared[usable], weights[usable])
+            summary[key].update({f"valid/{k}": v for k, v in zip(INTERVAL_KEYS, interval, strict=True)})
 
 
 def recommendation(arm: Arm, recipe_file: Path, out: Path, common: list[str]) -> str:
@@ -430,11 +523,8 @@ def decide(
     squared: dict[str, np.ndarray] = {}
     weights, geometries = None, 0
     for key in candidates:
-        per_seed = [pair_squared_errors(path, high) for path in runs[key]]
-        if any(p is None for p in per_seed):
-            continue
-        squared[key] = np.nanmean(np.stack([p[0] for p in per_seed]), axis=0)  # type: ignore[index]
-        weights, geometries = per_seed[0][1], per_seed[0][2]  # type: ignore[index]
+        if (scored := seed_mean_squared_errors(runs[key], high)) is not None:
+            squared[key], weights, geometries = scored
     if len(squared) < 2 or weights is None:
         decision["line"] = (
             f"no decision on forces: validation has neither {high} forces nor labelled displacement pairs "
@@ -520,10 +610,10 @@ def learning_curve_plot(summary: dict[str, dict[str, Any]], arms: list[str], hig
 def run_benchmark(
     recipe_file: Path,
     out: Path,
-    arm_names: list[str],
+    arm_names: list[str] | None,
     seeds: list[int],
     fractions: list[float],
-    fraction_arms: list[str],
+    fraction_arms: list[str] | None,
     common: list[str],
     low: str | None = None,
     high: str | None = None,
@@ -531,8 +621,10 @@ def run_benchmark(
 ) -> dict[str, Any]:
     """Run every (arm, seed[, fraction]) not yet complete; write results.json and results.md.
 
-    ``workers`` > 1 trains that many runs at once, each in its own process (give each
-    ``num_threads=1``); the runs are independent, so the results do not depend on it.
+    ``arm_names`` / ``fraction_arms`` None: :data:`DEFAULT_ARMS` / :data:`DEFAULT_FRACTION_ARMS`,
+    less those the training data cannot run (:func:`runnable_arms`). ``workers`` > 1 trains that
+    many runs at once, each in its own process; the runs are independent, so the results do not
+    depend on it.
     """
     base = load_recipe(recipe_file, common)
     labelled = any(spec.labels is not None for spec in base.fidelities.values())
@@ -545,9 +637,12 @@ def run_benchmark(
     if low is None or low not in base.fidelities or high not in base.fidelities:
         raise RecipeError(f"{recipe_file}: the benchmark needs a low and a high fidelity; pass --low/--high")
     arms = standard_arms(base, low, high)
-    unknown = [a for a in [*arm_names, *fraction_arms] if a not in arms]
-    if unknown:
-        raise RecipeError(f"unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
+    data_recipe = _labelled(base)
+    arm_names, left_out = runnable_arms(data_recipe, recipe_file, common, arms, arm_names, DEFAULT_ARMS, "--arms")
+    fraction_arms, left_at_fractions = runnable_arms(
+        data_recipe, recipe_file, common, arms, fraction_arms, DEFAULT_FRACTION_ARMS, "--fraction-arms"
+    )
+    left_out |= left_at_fractions if any(f < 1.0 for f in fractions) else {}
     jobs = [(arms[a], s, 1.0) for a in arm_names for s in seeds]
     jobs += [(arms[a], s, f) for f in fractions if f < 1.0 for a in fraction_arms for s in seeds]
     scores: dict[str, list[dict[str, Any]]] = {}
@@ -557,6 +652,7 @@ def run_benchmark(
         scores.setdefault(key, []).append({"seed": seed, **_score(path, high)})
         folders.setdefault(key, []).append(path)
     summary = summarise(scores)
+    add_pair_intervals(summary, folders, high)
     mf_arm = next((a for a in ("mf", *arm_names) if a in summary and a.startswith("mf")), "mf")
     decision = decide(folders, summary, arms, high, recipe_file, mf_arm, out, common)
     gaps = label_gap(base, low, high)
@@ -569,6 +665,7 @@ def run_benchmark(
         "runs": scores,
         "summary": summary,
         "label_gap": gaps,
+        "left_out": left_out,
         "verdict": decision.get("verdict") or verdict(summary, mf_arm),
         "decision": decision,
     }
@@ -580,7 +677,9 @@ def run_benchmark(
         + "\n"
         + CLOSURE_NOTE.format(high=high)
         + "\n\n"
+        + (PAIRS_NOTE.format(high=high) + "\n\n" if _has_pairs(summary) else "")
         + (gap_text + "\n\n" if gap_text else "")
+        + "".join(f"Left out: {reason}.\n\n" for reason in left_out.values())
         + result["verdict"]
         + "\n\n"
         + decision["line"]
