@@ -15,6 +15,7 @@ of them, and "has a run started here?" has one answer.
     <run>/metrics.json             errors of the best weights, per split and fidelity
     <run>/pair_errors.json         per-pair errors of the validation displacement pairs
     <run>/md_check.json            the MD stability check of the target head
+    <run>/forgetting.json          beyond the fine-tuning data: the foundation level's drift and MD checks
     <run>/models/                  exported files (mace_mf.model.export)
     <run>/plots/                   parity plots and the learning curve
     <run>/report.md                the readable report
@@ -38,6 +39,7 @@ ZERO_SHOT = "zero_shot_metrics.json"
 METRICS = "metrics.json"
 PAIR_ERRORS = "pair_errors.json"
 MD_CHECK = "md_check.json"
+FORGETTING = "forgetting.json"
 REPORT = "report.md"
 CHECKPOINTS = "checkpoints"
 MODELS = "models"
@@ -87,6 +89,10 @@ class RunFolder:
     @property
     def md_check(self) -> Path:
         return self.path / MD_CHECK
+
+    @property
+    def forgetting(self) -> Path:
+        return self.path / FORGETTING
 
     @property
     def report(self) -> Path:

@@ -54,7 +54,7 @@ def test_recipe_check_prints_resolved_defaults(capsys, recipe_file):
 
 
 def test_recipe_check_names_a_file_that_does_not_exist(capsys, tmp_path, recipe_file):
-    for key in ("data.valid", "data.valid_pairs", "foundation.model"):
+    for key in ("data.valid", "data.valid_pairs", "foundation.model", "replay.pool"):
         code, err = run_cli(capsys, "recipe", "check", recipe_file, "--set", f"{key}={tmp_path / 'missing.xyz'}")
         assert_one_line_error(code, err, f"{key}: {tmp_path / 'missing.xyz'} not found", "check")
 

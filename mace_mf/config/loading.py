@@ -79,6 +79,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.data.valid = resolve_many(recipe.data.valid)
     recipe.data.test = resolve_many(recipe.data.test)
     recipe.data.valid_pairs = resolve_many(recipe.data.valid_pairs)
+    if recipe.replay is not None:
+        recipe.replay.pool = resolve_many(recipe.replay.pool)
     if recipe.data.label_cache is not None:
         recipe.data.label_cache = resolve(recipe.data.label_cache)
     if recipe.data.store_cache is not None:
@@ -165,6 +167,10 @@ def check_files(recipe: Recipe) -> None:
         for path in [value] if isinstance(value, str) else value or []:
             if not Path(path).exists():
                 raise DataError(f"data.{key}: {path} not found; check data.* in the recipe")
+    pool = recipe.replay.pool if recipe.replay is not None else None
+    for path in [pool] if isinstance(pool, str) else pool or []:
+        if not Path(path).exists():
+            raise DataError(f"replay.pool: {path} not found; check replay.pool in the recipe (null: generated)")
     model = recipe.foundation.model
     named = model.startswith(NAMED_FOUNDATIONS) or re.fullmatch(r"[A-Za-z_]+:[\w.\-]+", Path(model).name)
     if not named and not Path(model).exists():  # a name is the foundation loader's to judge

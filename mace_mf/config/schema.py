@@ -416,6 +416,57 @@ class WandbSpec(_Section):
     name: str | None = Field(default=None, description="W&B run name; null: the recipe name.")
 
 
+REPLAY_FIDELITY = "replay"  # the fidelity that `replay:` adds
+
+
+class ReplaySpec(_Section):
+    """Replay of the foundation's own level on geometries beyond the fine-tuning data: what keeps a
+    fine-tuned model from forgetting what the fine-tuning data never covered (mace_mf.workflows.replay)."""
+
+    enabled: bool = Field(default=True, description="Add the replay fidelity (`--set replay.enabled=true` adds it).")
+    pool: str | list[str] | None = Field(
+        default=None,
+        description=(
+            "Geometries to replay from (ASE files or stores; labels in them are ignored). null: generated, "
+            "MD frames of the small molecules of ASE's g2 set whose elements the foundation covers, run with "
+            "the foundation itself."
+        ),
+    )
+    budget: int = Field(default=200, ge=2, description="Geometries chosen from the pool (held-out ones included).")
+    selection: Literal["fps", "kmeans", "random"] = Field(
+        default="fps",
+        description="How they are chosen: on the foundation's descriptors (as `mace-mf select`), or a seeded draw.",
+    )
+    held_out: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description=(
+            "Share of the chosen geometries kept out of training, on which the forgetting report measures how far "
+            "the foundation's level moved (added to the validation data)."
+        ),
+    )
+    energy_weight: float = Field(default=1.0, ge=0.0, description="Loss weight of the replay energies.")
+    forces_weight: float = Field(
+        default=10.0,
+        ge=0.0,
+        description=(
+            "Loss weight of the replay forces. Both weights 0: nothing is replayed and the report measures what "
+            "fine-tuning forgets (the foundation's readout on the fine-tuned backbone)."
+        ),
+    )
+    md_check: int = Field(
+        default=20,
+        ge=0,
+        description=(
+            "Held-out replay geometries on which the target head and the foundation each run `md_check`'s MD "
+            "(when `md_check.enabled`): whether fine-tuning kept MD stable beyond the fine-tuning data. 0: none."
+        ),
+    )
+    temperature: float = Field(default=500.0, gt=0.0, description="Temperature (K) of a generated pool's MD.")
+    frames: int = Field(default=6, ge=1, description="Frames per molecule of a generated pool (10 MD steps apart).")
+
+
 class Recipe(_Section):
     """A complete multi-fidelity fine-tuning run."""
 
@@ -446,6 +497,14 @@ class Recipe(_Section):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     md_check: MDCheckSpec = Field(default_factory=MDCheckSpec)
+    replay: ReplaySpec | None = Field(
+        default=None,
+        description=(
+            "Replay the foundation's level against forgetting: one more fidelity, `replay`, labelled by the "
+            "foundation on chosen geometries, whose head starts as the foundation's readout; every element of "
+            "the foundation is kept. null: no replay."
+        ),
+    )
     wandb: WandbSpec = Field(default_factory=WandbSpec)
 
     @field_validator("fidelities")

@@ -8,7 +8,8 @@ sweeps rank trials by exactly the names W&B shows:
   terms, eV²/atom² and eV²/Å²), ``valid/loss`` (the target's weighted validation loss),
   ``valid/<fidelity>/{e,f}_{rmse,mae}_…`` (meV/atom, meV/Å), ``lr/<parameter group>``,
   ``epoch_time_s``, ``configs_per_s``;
-- at the end (summary): ``final/<split>/<fidelity>/<metric>``, the table ``final/metrics``, images
+- at the end (summary): ``final/<split>/<fidelity>/<metric>``, ``forgetting/...`` (a run with
+  ``replay:``: ``forgetting.json``, mace_mf.workflows.replay), the table ``final/metrics``, images
   ``plots/<plot name>``, and the exported models as a ``model`` artifact.
 
 A run that resumes passes the W&B id stored in ``run.json``, so the W&B run continues too. Online
@@ -81,6 +82,14 @@ def flatten_final(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def flatten_forgetting(record: dict[str, Any]) -> dict[str, float]:
+    """``forgetting.json`` as ``forgetting/<drift metric>`` and ``forgetting/md_stable_<model>`` (a share)."""
+    flat = {f"forgetting/{k}": v for k, v in record["drift"].items() if v is not None}
+    for name, check in (record.get("md_check") or {}).items():
+        flat[f"forgetting/md_stable_{name}"] = check["passed"] / max(check["structures"], 1)
+    return flat
+
+
 def metric_names(recipe: Recipe) -> list[str]:
     """Every scalar name a run of ``recipe`` can log (some may stay absent for lack of labels)."""
     names = list(EPOCH_SCALARS)
@@ -100,8 +109,15 @@ class Tracker:
     def log_epoch(self, record: dict[str, Any]) -> None:
         """Per-epoch metrics."""
 
-    def log_final(self, out: Path, metrics: dict[str, Any], files: list[Path], metadata: dict[str, Any]) -> None:
-        """Final metrics, plots, report and exported models (``files``) of the run folder ``out``."""
+    def log_final(
+        self,
+        out: Path,
+        metrics: dict[str, Any],
+        files: list[Path],
+        metadata: dict[str, Any],
+        forgetting: dict[str, Any] | None = None,
+    ) -> None:
+        """Final metrics, the forgetting record, plots, report and exported models (``files``) of ``out``."""
 
     def finish(self, failed: bool = False) -> None:
         """Close the run."""
@@ -157,9 +173,18 @@ class WandbTracker(Tracker):
     def log_epoch(self, record: dict[str, Any]) -> None:
         self.run.log(flatten_epoch(record))
 
-    def log_final(self, out: Path, metrics: dict[str, Any], files: list[Path], metadata: dict[str, Any]) -> None:
+    def log_final(
+        self,
+        out: Path,
+        metrics: dict[str, Any],
+        files: list[Path],
+        metadata: dict[str, Any],
+        forgetting: dict[str, Any] | None = None,
+    ) -> None:
         wandb = self._wandb
         self.run.summary.update(flatten_final(metrics))
+        if forgetting:
+            self.run.summary.update(flatten_forgetting(forgetting))
         columns = ["split", "fidelity", *METRIC_KEYS]
         rows = [
             [split, fidelity, *(values.get(k) for k in METRIC_KEYS)]

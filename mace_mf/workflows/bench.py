@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from mace_mf.config.loading import dump_recipe, load_recipe
-from mace_mf.config.schema import Recipe
+from mace_mf.config.schema import REPLAY_FIDELITY, Recipe
 from mace_mf.data.splits import split_tables
 from mace_mf.data.store import cache_root, open_configurations
 from mace_mf.data.table import LabelTable, label_table
@@ -141,6 +141,12 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
             "mf-disagreement",
             (f"{hi}.label_selection=disagreement",),
             f"the recipe, {high} labels kept where the foundation disagrees most with {low} (at fractions < 1)",
+        ),
+        Arm(
+            "mf-replay",
+            ("replay.enabled=true", "replay.energy_weight=1.0", "replay.forces_weight=10.0"),
+            "the recipe + replay of the foundation's level (a recipe with replay weights 0 measures forgetting "
+            "in every arm)",
         ),
         Arm(
             "mace-mh",
@@ -276,6 +282,7 @@ def _score(path: Path, high: str) -> dict[str, Any]:
         if split in metrics:
             m = metrics[split][high]
             entry[split] = {k: m.get(k) for k in SCORED}
+    entry["forgetting"] = metrics.get("valid", {}).get(REPLAY_FIDELITY, {}).get("f_rmse_meV_A")
     return entry
 
 
@@ -292,6 +299,7 @@ def summarise(scores: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, An
     for key, runs in scores.items():
         row: dict[str, Any] = {"n": len(runs)}
         row["wall_time_s"], _ = _mean_std([r["wall_time_s"] for r in runs])
+        row["forgetting"], row["forgetting_std"] = _mean_std([r.get("forgetting") for r in runs])
         for split in ("valid", "test"):
             for metric in ("f_rmse_meV_A", "f_mae_meV_A", "e_rmse_meV_atom", "fd_rmse_meV_A", "n_pairs"):
                 mean, std = _mean_std([r.get(split, {}).get(metric) for r in runs])
@@ -386,10 +394,12 @@ def markdown_table(summary: dict[str, dict[str, Any]], high: str, arms: dict[str
     """The results table: test figures (valid closure alongside), one row per arm and fraction."""
     pairs = _has_pairs(summary)
     pair_head = f" {high} F·u RMSE valid, pairs (meV/Å) [95 %] | pairs for ±5 % |" if pairs else ""
+    drift = any(row.get("forgetting") is not None for row in summary.values())
+    pair_head += " foundation drift, held-out replay F RMSE (meV/Å) |" if drift else ""
     lines = [
         f"| arm | n | {high} F RMSE test (meV/Å) | {high} F MAE test | {high} E RMSE test (meV/atom) | "
         f"closure test | closure valid |{pair_head} wall (s) |",
-        "|---|---|---|---|---|---|---|---|" + ("---|---|" if pairs else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|---|" if pairs else "") + ("---|" if drift else ""),
     ]
     for key, row in summary.items():
         name = key.split("@")[0]
@@ -404,6 +414,8 @@ def markdown_table(summary: dict[str, dict[str, Any]], high: str, arms: dict[str
                 f" {_fmt(row['valid/fd_rmse_meV_A'], row['valid/fd_rmse_meV_A_std'])}{interval} |"
                 f" {'–' if needed is None else needed} |"
             )
+        if drift:
+            pair_cell += f" {_fmt(row.get('forgetting'), row.get('forgetting_std'), 1)} |"
         lines.append(
             f"| {label} | {row['n']} | {_fmt(row['test/f_rmse_meV_A'], row['test/f_rmse_meV_A_std'])} | "
             f"{_fmt(row['test/f_mae_meV_A'], row['test/f_mae_meV_A_std'])} | "

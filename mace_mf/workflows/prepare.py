@@ -1,5 +1,6 @@
 """Everything a run does before its first training step: the foundation loaded, labels computed,
-the data read and split, the model built (mace_mf.model.build) and each head's E0s fitted.
+replay geometries chosen and labelled (mace_mf.workflows.replay), the data read and split, the model
+built (mace_mf.model.build) and each head's E0s fitted.
 
 Runs, every rank of a torchrun run, bench arms and sweep trials prepare through :func:`prepare`;
 the speed benchmark calls its steps one by one to time them.
@@ -30,6 +31,7 @@ from mace_mf.model.cueq import to_cueq
 from mace_mf.model.foundation import FoundationInfo, keep_elements, load_foundation
 from mace_mf.model.heads import extract_head, fit_e0s, set_head_e0s
 from mace_mf.train.distributed import SINGLE, Dist, rank0_first
+from mace_mf.workflows.replay import replay_recipe
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class Prepared:
     splits: Splits
     e0s: dict[str, dict[str, float]]  # fitted E0s by fidelity and element
     labelled_files: dict[str, Any]  # files labelled for `fidelities.<name>.labels`, by fidelity
+    recipe: Recipe  # what the run trains: computed labels' files, and the replay fidelity where `replay:` asks
 
 
 def prepare(recipe: Recipe, cache_dir: Path, device: torch.device, dist: Dist = SINGLE) -> Prepared:
@@ -57,8 +60,11 @@ def prepare(recipe: Recipe, cache_dir: Path, device: torch.device, dist: Dist = 
         info.r_max,
         " ".join(info.elements),
     )
-    with rank0_first(dist):  # rank 0 labels into the cache, the others read it
+    with rank0_first(dist):  # rank 0 labels (and chooses replay geometries) into the cache, the others read it
         data_recipe, labelled_files = label_recipe_data(recipe, cache_dir)
+        data_recipe = replay_recipe(
+            data_recipe, extract_head(foundation, info.head), set(info.atomic_numbers), cache_dir
+        )
     single, info, splits = start_head(data_recipe, foundation, info, dtype)
     log.info(
         "data: %d train, %d valid, %d test configurations",
@@ -66,12 +72,12 @@ def prepare(recipe: Recipe, cache_dir: Path, device: torch.device, dist: Dist = 
         len(splits.valid),
         len(splits.test) if splits.test else 0,
     )
-    model = build_model(single, recipe).to(device)
-    e0s = assign_e0s(model, single, recipe, splits.train, device)
+    model = build_model(single, data_recipe).to(device)
+    e0s = assign_e0s(model, single, data_recipe, splits.train, device)
     if recipe.training.cueq:
         model = to_cueq(model)
         log.info("training.cueq: the model trains with cuEquivariance kernels; exported files are e3nn")
-    return Prepared(model, info, splits, e0s, labelled_files)
+    return Prepared(model, info, splits, e0s, labelled_files, data_recipe)
 
 
 def start_head(

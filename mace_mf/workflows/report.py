@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mace_mf.config.schema import REPLAY_FIDELITY as REPLAY
 from mace_mf.config.schema import Recipe
 from mace_mf.evaluation.md_check import md_check_markdown
 from mace_mf.evaluation.metrics import metrics_table
@@ -31,6 +32,42 @@ def _pairs_note(metrics: dict[str, Any]) -> list[str]:
     ]
 
 
+def _forgetting(recipe: Recipe, forgetting: dict[str, Any] | None) -> list[str]:
+    """Beyond the fine-tuning data (``forgetting.json``, mace_mf.workflows.run.forgetting_check)."""
+    if forgetting is None or recipe.replay is None:
+        return []
+    spec, drift = recipe.replay, forgetting["drift"]
+    what = (
+        f"the `{REPLAY}` head, trained on the foundation's labels of the other chosen geometries (weights E "
+        f"{spec.energy_weight:g}, F {spec.forces_weight:g}),"
+        if forgetting["replayed"]
+        else "the foundation's readout on the fine-tuned backbone (replay weights 0: nothing replayed)"
+    )
+    source = (
+        "from `" + "`, `".join([spec.pool] if isinstance(spec.pool, str) else spec.pool) + "`"
+        if spec.pool
+        else "MD frames of g2 molecules"
+    )
+    lines = [
+        "## Forgetting",
+        "",
+        f"On {forgetting['held_out']} held-out replay geometries ({source}, chosen by {spec.selection}), "
+        f"{what} is {drift['f_rmse_meV_A']:.1f} meV/Å (force RMSE) and "
+        f"{drift['e_rmse_meV_atom']:.2f} meV/atom (energy RMSE) from the foundation itself: how far fine-tuning "
+        "moved the foundation's level outside the fine-tuning data (0 before training).",
+        "",
+    ]
+    if forgetting["md_check"]:
+        target, foundation = forgetting["md_check"]["target"], forgetting["md_check"]["foundation"]
+        lines += [
+            f"MD beyond the fine-tuning data (`md_check` options, from the first {target['structures']} of them): "
+            f"the target head `{recipe.target}` stable in {target['passed']}/{target['structures']}, the "
+            f"foundation in {foundation['passed']}/{foundation['structures']}.",
+            "",
+        ]
+    return lines
+
+
 def _sample_note(recipe: Recipe, n_train: int) -> list[str]:
     """Where the statistics of the training split came from a sample (``data.statistics_sample``)."""
     size = recipe.data.statistics_sample
@@ -54,6 +91,7 @@ def write_report(
     files: list[Path],
     wall_time_s: float,
     md_record: dict[str, Any] | None = None,
+    forgetting: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``report.md`` (atomically) and the learning-curve plot."""
     lines = [f"# mace_mf run `{recipe.name}`", ""]
@@ -72,6 +110,7 @@ def write_report(
         metrics_table(metrics),
         "",
         *_pairs_note(metrics),
+        *_forgetting(recipe, forgetting),
         "## Zero-shot (foundation with per-fidelity E0s, before training)",
         "",
         metrics_table(zero_shot),

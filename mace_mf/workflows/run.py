@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from mace_mf.config.loading import dump_recipe, recipe_changes, recipe_from_dict
-from mace_mf.config.schema import Recipe
+from mace_mf.config.schema import REPLAY_FIDELITY, Recipe
 from mace_mf.data.splits import Splits
 from mace_mf.errors import RunError, UserError
 from mace_mf.evaluation.md_check import md_check, write_md_check
@@ -36,7 +36,7 @@ from mace_mf.files import atomic_write_text
 from mace_mf.model.build import resolve_device
 from mace_mf.model.cueq import to_e3nn
 from mace_mf.model.export import export_models
-from mace_mf.model.foundation import FoundationInfo, load_model_file
+from mace_mf.model.foundation import FoundationInfo, load_foundation, load_model_file
 from mace_mf.model.heads import extract_head
 from mace_mf.run_folder import RunFolder
 from mace_mf.train.distributed import Dist, broadcast, local_batch_size, local_device, session
@@ -111,6 +111,51 @@ def final_md_check(model: torch.nn.Module, recipe: Recipe, splits: Splits, out: 
     record["structures_file"] = f"{split.name} split, first {min(spec.structures, len(split))}"
     write_md_check(record, folder.md_check)
     (log.info if record["passed"] else log.warning)("%s", record["summary"])
+    return record
+
+
+def forgetting_check(
+    model: torch.nn.Module, recipe: Recipe, splits: Splits, metrics: dict[str, Any], out: Path
+) -> dict[str, Any] | None:
+    """Beyond the fine-tuning data (a run with ``replay:``): the foundation level's drift on the
+    held-out replay geometries (``metrics``), and ``md_check``'s MD of the target head and of the
+    foundation itself from the first ``replay.md_check`` of them, into ``forgetting.json``."""
+    spec = recipe.replay
+    held = metrics.get("valid", {}).get(REPLAY_FIDELITY)
+    if spec is None or not spec.enabled or not held:
+        return None
+    record: dict[str, Any] = {
+        "held_out": held["n_f"],
+        "drift": {k: held.get(k) for k in ("f_rmse_meV_A", "e_rmse_meV_atom")},
+        "replayed": spec.energy_weight > 0 or spec.forces_weight > 0,
+        "md_check": None,
+    }
+    if recipe.md_check.enabled and spec.md_check:
+        h = list(recipe.fidelities).index(REPLAY_FIDELITY)
+        rows = np.flatnonzero(splits.valid.table.energy_mask[:, h])[: spec.md_check]
+        structures = [splits.valid.atoms(int(i)) for i in rows]
+        foundation, info = load_foundation(recipe.foundation.model, recipe.foundation.head, torch.float64)
+        options = recipe.md_check.options()
+        checks = {
+            "target": md_check(extract_head(model, recipe.target), structures, None, options, recipe.seed),
+            "foundation": md_check(extract_head(foundation, info.head), structures, None, options, recipe.seed),
+        }
+        record["md_check"] = {
+            name: {
+                "passed": sum(s["passed"] for s in check["structures"]),
+                "structures": len(structures),
+                "summary": check["summary"],
+            }
+            for name, check in checks.items()
+        }
+        log.info(
+            "forgetting: MD beyond the fine-tuning data: target head %d/%d stable, foundation %d/%d",
+            record["md_check"]["target"]["passed"],
+            len(structures),
+            record["md_check"]["foundation"]["passed"],
+            len(structures),
+        )
+    RunFolder(out).write_json(RunFolder(out).forgetting, record)
     return record
 
 
@@ -238,7 +283,7 @@ def _train_run(
     device = local_device(resolve_device(recipe.device), dist)
     cache_dir = Path(recipe.data.label_cache) if recipe.data.label_cache else out.resolve().parent / "label-cache"
     prepared = prepare(recipe, cache_dir, device, dist)
-    model, info, splits = prepared.model, prepared.info, prepared.splits
+    model, info, splits, recipe = prepared.model, prepared.info, prepared.splits, prepared.recipe
     if not dist.is_main:
         return _peer_training(model, recipe, splits, device, out, previous, dist)
     folder = RunFolder(out)
@@ -278,9 +323,12 @@ def _train_run(
             stock, recipe.export_fidelities, folder.models, spec.multihead, spec.torchscript, spec.lammps, metadata
         )
         md_record = final_md_check(stock, recipe, splits, out)
+        forgetting = forgetting_check(stock, recipe, splits, metrics, out)
         wall = time.perf_counter() - started
-        write_report(out, recipe, info, splits, metrics, zero_shot, history, prepared.e0s, files, wall, md_record)
-        tracker.log_final(out, metrics, files, metadata)
+        write_report(
+            out, recipe, info, splits, metrics, zero_shot, history, prepared.e0s, files, wall, md_record, forgetting
+        )
+        tracker.log_final(out, metrics, files, metadata, forgetting)
     except BaseException as exc:
         # Ctrl-C (SIGINT) or a SIGTERM turned into KeyboardInterrupt: the run can go on with --resume.
         run_record["status"] = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
