@@ -6,7 +6,8 @@ torch thread per run, two runs at a time):
 * ``none``: the recipe as written (no replay; the foundation's elements cut to C, H, N, O);
 * ``measured``: ``replay`` with weights 0: nothing is replayed, every element is kept, and the
   held-out replay geometries measure how far plain fine-tuning moved the foundation's level;
-* ``replay``: the same replay set trained on (weights E 1, F 10), as large as the training set.
+* ``replay``: the same replay set trained on at the default weights (E 10, F 100), as large as the
+  training set; ``replay-1-10`` (``--arms``) at E 1, F 10.
 
 The replay set is generated (MD frames of ASE's g2 molecules made of the foundation's elements,
 run with the foundation; chosen by farthest-point sampling) and the same in every run. Each run with
@@ -37,7 +38,8 @@ REPLAY = ["replay.enabled=true", "replay.budget=375", "replay.md_check=20"]  # 3
 ARMS = {
     "none": [],
     "measured": [*REPLAY, "replay.energy_weight=0", "replay.forces_weight=0"],
-    "replay": [*REPLAY, "replay.energy_weight=1.0", "replay.forces_weight=10.0"],
+    "replay-1-10": [*REPLAY, "replay.energy_weight=1.0", "replay.forces_weight=10.0"],
+    "replay": REPLAY,  # the default weights
 }
 
 
@@ -81,6 +83,7 @@ def main() -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--none-seeds", default="0", help="seeds of the arm without replay (time and errors)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--arms", default="measured,replay", help=f"arms with replay, of {', '.join(ARMS)}")
     args = parser.parse_args()
     if not (ROOT.parent / "shared" / "data" / "pyseqm_chno").is_dir():
         print("skipped: ../shared/data/pyseqm_chno is absent")
@@ -88,8 +91,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = (args.out / "label-cache").resolve()
     seeds = [int(s) for s in args.seeds.split(",")]
-    jobs = [("measured", seeds[0]), ("replay", seeds[0])]  # the first pair makes the shared replay set once
-    jobs += [(a, s) for s in seeds[1:] for a in ("measured", "replay")]
+    arms = args.arms.split(",")
+    jobs = [(a, s) for s in seeds for a in arms]  # the first run makes the shared replay set once
     jobs += [("none", int(s)) for s in args.none_seeds.split(",") if s]
     run(args.out, *jobs[0], cache)
     with ThreadPoolExecutor(args.workers) as pool:

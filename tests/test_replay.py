@@ -116,7 +116,7 @@ def test_the_replay_arm_is_a_recipe_with_replay_on(tmp_path, tiny_model_file):
     recipe = load_recipe_for(tmp_path, tiny_model_file, [])
     arm = standard_arms(recipe, "lo", "hi")["mf-replay"]
     replayed = load_recipe(tmp_path / "r.yaml", list(arm.overrides))
-    assert replayed.replay is not None and replayed.replay.enabled and replayed.replay.forces_weight == 10.0
+    assert replayed.replay is not None and replayed.replay.enabled and replayed.replay.forces_weight == 100.0
 
 
 def test_the_forgetting_record_goes_to_wandb_as_drift_and_stable_shares():

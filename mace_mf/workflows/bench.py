@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from mace_mf.config.loading import dump_recipe, load_recipe
-from mace_mf.config.schema import REPLAY_FIDELITY, Recipe
+from mace_mf.config.schema import REPLAY_FIDELITY, Recipe, ReplaySpec
 from mace_mf.data.splits import split_tables
 from mace_mf.data.store import cache_root, open_configurations
 from mace_mf.data.table import LabelTable, label_table
@@ -144,9 +144,13 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
         ),
         Arm(
             "mf-replay",
-            ("replay.enabled=true", "replay.energy_weight=1.0", "replay.forces_weight=10.0"),
-            "the recipe + replay of the foundation's level (a recipe with replay weights 0 measures forgetting "
-            "in every arm)",
+            (
+                "replay.enabled=true",
+                f"replay.energy_weight={ReplaySpec.model_fields['energy_weight'].default}",
+                f"replay.forces_weight={ReplaySpec.model_fields['forces_weight'].default}",
+            ),
+            "the recipe + replay of the foundation's level at the default weights (a recipe with replay weights 0 "
+            "measures forgetting in every arm)",
         ),
         Arm(
             "mace-mh",

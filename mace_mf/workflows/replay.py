@@ -12,9 +12,11 @@ foundation's readout (no loss term reaches it), and the same figures measure wha
 forgets.
 
 Everything is cached in the label cache, keyed by the foundation's content and the settings: the
-generated pool, the choice, and the labels. The pool is read through a store, and at most
-:data:`POOL_PER_CHOSEN` × ``budget`` of its geometries (a seeded draw) are described for the choice,
-so time and memory grow with the budget, not with the pool.
+generated pool (one per foundation, temperature and frames, whatever the run's seed: it costs 80
+MD steps per molecule), the choice and held-out share (which follow the seed), and the labels. A
+pool file is read through a store, and at most :data:`POOL_PER_CHOSEN` × ``budget`` of its
+geometries (a seeded draw) are described for the choice, so time and memory grow with the budget,
+not with the pool.
 """
 
 from __future__ import annotations
@@ -40,17 +42,21 @@ from mace_mf.labels.labelling import resolve_label_calculator
 log = logging.getLogger(__name__)
 
 POOL_PER_CHOSEN = 20
+POOL_FIELDS = {"temperature", "frames"}  # what a generated pool depends on (with the foundation)
+CHOICE_FIELDS = {"pool", "budget", "selection", "held_out", "temperature", "frames"}  # and the seed, the pool
 MD_STEP_FS = 0.5
 MD_WARMUP_STEPS = 20
 MD_INTERVAL_STEPS = 10
 
 
-def _key(recipe: Recipe, spec: ReplaySpec, *parts: object) -> str:
+def _key(recipe: Recipe, fields: set[str], *parts: object) -> str:
+    """What a cached replay file is valid for: the foundation's content and the settings it depends on."""
+    spec = recipe.replay
+    assert spec is not None
     ident = {
         "foundation": file_sha256(Path(recipe.foundation.model)),
         "head": recipe.foundation.head,
-        "seed": recipe.seed,
-        **spec.model_dump(exclude={"enabled", "energy_weight", "forces_weight"}),
+        **spec.model_dump(include=fields),
         "parts": [str(p) for p in parts],
     }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -87,8 +93,7 @@ def generated_pool(recipe: Recipe, elements: set[int], spec: ReplaySpec, path: P
         raise RecipeError("replay.pool: the foundation's elements make no molecule of ASE's g2 set; give a pool file")
     head = {"head": recipe.foundation.head} if recipe.foundation.head else {}
     calc = MACECalculator(model_paths=recipe.foundation.model, device="cpu", default_dtype="float32", **head)
-    seed = recipe.seed
-    rng = np.random.default_rng([seed, 4409])
+    rng = np.random.default_rng(4409)  # one pool per foundation and settings, whatever the run's seed
     frames = []
     bar = track(molecules, "replay: MD of g2 molecules", console=Console(stderr=True), transient=True)
     for atoms in bar:
@@ -151,11 +156,11 @@ def replay_recipe(recipe: Recipe, model: torch.nn.Module, elements: set[int], ca
     resolve_label_calculator(recipe, "foundation")  # a local foundation file, or the error that says why not
     cache_dir.mkdir(parents=True, exist_ok=True)
     if spec.pool is None:
-        path = cache_dir / f"replay-pool-{_key(recipe, spec)}.xyz"
+        path = cache_dir / f"replay-pool-{_key(recipe, POOL_FIELDS)}.xyz"
         pool, identity = generated_pool(recipe, elements, spec, path), path.name
     else:
         pool, identity = pool_sample(recipe, spec, POOL_PER_CHOSEN * spec.budget)
-    key = _key(recipe, spec, identity)
+    key = _key(recipe, CHOICE_FIELDS, recipe.seed, identity)
     choice = cache_dir / f"replay-choice-{key}.json"
     count = min(spec.budget, len(pool))
     held = max(1, round(spec.held_out * count))
