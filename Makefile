@@ -27,8 +27,9 @@ demo-xtb: setup
 
 test: setup
 	$(BIN)/ruff check mace_mf tests scripts
-	# Two workers (pytest-xdist), one test file each: the suite's CPU time is about 12 min on one core.
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	# Two workers (pytest-xdist) that take tests one by one and steal from each other when idle:
+	# about 15 min of CPU in 8.5 min here, against 9.2 min when each worker took whole files.
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 lint: setup
 	$(BIN)/ruff check mace_mf tests scripts

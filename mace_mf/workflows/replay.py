@@ -145,6 +145,10 @@ def foundation_labels(recipe: Recipe, frames: list[Atoms]) -> list[Atoms]:
     return labelled
 
 
+def _listed(paths: str | list[str]) -> list[str]:
+    return [paths] if isinstance(paths, str) else list(paths)
+
+
 def replay_recipe(recipe: Recipe, model: torch.nn.Module, elements: set[int], cache_dir: Path) -> Recipe:
     """``recipe`` with the replay fidelity and its chosen, labelled geometries in the training and
     validation data (``model``: the foundation's starting head, whose descriptors choose them)."""
@@ -197,9 +201,8 @@ def replay_recipe(recipe: Recipe, model: torch.nn.Module, elements: set[int], ca
         coupling_strength=0.0,
     )
     data = recipe.data
-    listed = lambda paths: [paths] if isinstance(paths, str) else list(paths)  # noqa: E731
-    train = [*listed(data.train), labelled["train"]]
-    valid = [*listed(data.valid), labelled["valid"]] if data.valid is not None else None
+    train = [*_listed(data.train), labelled["train"]]
+    valid = [*_listed(data.valid), labelled["valid"]] if data.valid is not None else None
     if valid is None:  # validation is split off the training files: the held-out geometries join them
         train.append(labelled["valid"])
     return recipe.model_copy(
