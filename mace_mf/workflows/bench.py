@@ -174,7 +174,7 @@ def missing_labels(recipe: Recipe, train: LabelTable) -> list[str]:
 
 
 def runnable_arms(
-    data_recipe: Recipe,
+    train: LabelTable,
     recipe_file: Path,
     common: list[str],
     arms: dict[str, Arm],
@@ -189,7 +189,6 @@ def runnable_arms(
     unknown = [a for a in names if a not in arms]
     if unknown:
         raise RecipeError(f"{option}: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
-    train = split_tables(data_recipe).train
     runnable, left_out = [], {}
     for name in names:
         missing = missing_labels(load_recipe(recipe_file, [*common, *arms[name].overrides]), train)
@@ -653,10 +652,10 @@ def run_benchmark(
     if low is None or low not in base.fidelities or high not in base.fidelities:
         raise RecipeError(f"{recipe_file}: the benchmark needs a low and a high fidelity; pass --low/--high")
     arms = standard_arms(base, low, high)
-    data_recipe = _labelled(base)
-    arm_names, left_out = runnable_arms(data_recipe, recipe_file, common, arms, arm_names, DEFAULT_ARMS, "--arms")
+    train = split_tables(_labelled(base)).train  # which labels the arms can train on, read once
+    arm_names, left_out = runnable_arms(train, recipe_file, common, arms, arm_names, DEFAULT_ARMS, "--arms")
     fraction_arms, left_at_fractions = runnable_arms(
-        data_recipe, recipe_file, common, arms, fraction_arms, DEFAULT_FRACTION_ARMS, "--fraction-arms"
+        train, recipe_file, common, arms, fraction_arms, DEFAULT_FRACTION_ARMS, "--fraction-arms"
     )
     left_out |= left_at_fractions if any(f < 1.0 for f in fractions) else {}
     jobs = [(arms[a], s, 1.0) for a in arm_names for s in seeds]
