@@ -209,15 +209,17 @@ def bench(
     arms: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated arms [default: zero-shot,sf-high-e,sf-high-ef,sf-low,mf, less any that trains on "
-            "labels the training data lacks: the oracle without high-level training forces]",
+            help="Comma-separated arms, or mf-low<scale> [default: zero-shot,sf-high-e,sf-high-ef,sf-low,mf,"
+            "mf-transfer, less any that trains on labels the training data lacks: the oracle without high-level "
+            "training forces]",
             show_default=False,
         ),
     ] = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     fractions: Annotated[str, typer.Option(help="Fractions of high-level energies for the learning curve.")] = "1",
     fraction_arms: Annotated[
-        str | None, typer.Option(help="Arms run at every fraction [default: sf-high-e,mf]", show_default=False)
+        str | None,
+        typer.Option(help="Arms run at every fraction [default: sf-high-e,mf,mf-transfer]", show_default=False),
     ] = None,
     low: Annotated[str | None, typer.Option(help="Low fidelity (default: the first non-target).")] = None,
     high: Annotated[str | None, typer.Option(help="High fidelity (default: training.target).")] = None,

@@ -7,7 +7,8 @@ torch thread per run, two runs at a time):
 * ``measured``: ``replay`` with weights 0: nothing is replayed, every element is kept, and the
   held-out replay geometries measure how far plain fine-tuning moved the foundation's level;
 * ``replay``: the same replay set trained on at the default weights (E 10, F 100), as large as the
-  training set; ``replay-1-10`` (``--arms``) at E 1, F 10.
+  training set, riding along the fine-tuning batches; ``--arms`` adds ``replay-1-10`` (E 1, F 10) and
+  ``replay-shuffled`` (``ride_along: false``: the replay geometries make batches of their own).
 
 The replay set is generated (MD frames of ASE's g2 molecules made of the foundation's elements,
 run with the foundation; chosen by farthest-point sampling) and the same in every run. Each run with
@@ -39,7 +40,8 @@ ARMS = {
     "none": [],
     "measured": [*REPLAY, "replay.energy_weight=0", "replay.forces_weight=0"],
     "replay-1-10": [*REPLAY, "replay.energy_weight=1.0", "replay.forces_weight=10.0"],
-    "replay": REPLAY,  # the default weights
+    "replay": REPLAY,  # the default weights, riding along the fine-tuning batches
+    "replay-shuffled": [*REPLAY, "replay.ride_along=false"],  # batches of their own, as mace-torch
 }
 
 

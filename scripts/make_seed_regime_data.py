@@ -61,15 +61,24 @@ SPLITS = ("test", "valid", "train")  # the scoring splits first: a partial ladde
 SAMPLING_STREAM = 7  # an independent stream of make_demo_data's seed scheme (the demo uses 0 and 1)
 
 
-def sample(out: Path, seed: int, per_molecule: int, opts: SamplingOptions, workers: int) -> list:
-    """Sampled geometries with GFN2-xTB labels (``geometries.xyz``, written once and reused)."""
+def sample(
+    out: Path,
+    seed: int,
+    per_molecule: int,
+    opts: SamplingOptions,
+    workers: int,
+    molecules: Sequence[str] = MOLECULES,
+    stream: int = SAMPLING_STREAM,
+) -> list:
+    """Sampled geometries of ``molecules`` with GFN2-xTB labels, from random stream ``stream``
+    (``geometries.xyz``, written once and reused)."""
     path = out / "work" / "geometries.xyz"
     if path.is_file():
         return ase.io.read(path, ":")
-    counts = per_molecule_counts(per_molecule * len(MOLECULES), len(MOLECULES))
+    counts = per_molecule_counts(per_molecule * len(molecules), len(molecules))
     tasks = [
-        (name, n, (seed, SAMPLING_STREAM, i), opts, "GFN2-xTB")
-        for i, (name, n) in enumerate(zip(MOLECULES, counts, strict=True))
+        (name, n, (seed, stream, i), opts, "GFN2-xTB")
+        for i, (name, n) in enumerate(zip(molecules, counts, strict=True))
     ]
     with mp.get_context("spawn").Pool(workers) as pool:
         frames = [f for batch in pool.starmap(sample_molecule, tasks, chunksize=1) for f in batch]
@@ -82,13 +91,15 @@ def sample(out: Path, seed: int, per_molecule: int, opts: SamplingOptions, worke
     path.parent.mkdir(parents=True, exist_ok=True)
     ase.io.write(str(path) + ".tmp", configs, format="extxyz")
     os.replace(str(path) + ".tmp", path)
-    LOG.info("sampled %d geometries of %d molecules", len(configs), len(MOLECULES))
+    LOG.info("sampled %d geometries of %d molecules", len(configs), len(molecules))
     return configs
 
 
-def split(configs: list, n_valid: int, n_test: int, seed: int, out: Path) -> dict[str, Path]:
+def split(
+    configs: list, n_valid: int, n_test: int, seed: int, out: Path, stream: int = SAMPLING_STREAM
+) -> dict[str, Path]:
     """Seeded random split, each file sorted by config_id (``work/<split>.xtb.xyz``)."""
-    order = np.random.default_rng(np.random.SeedSequence([seed, SAMPLING_STREAM, 10_000])).permutation(len(configs))
+    order = np.random.default_rng(np.random.SeedSequence([seed, stream, 10_000])).permutation(len(configs))
     parts = {"valid": order[:n_valid], "test": order[n_valid : n_valid + n_test], "train": order[n_valid + n_test :]}
     paths = {}
     for name, indices in parts.items():
@@ -114,20 +125,21 @@ def label_ladder(paths: dict[str, Path], workers: int) -> dict[str, Path]:
     return current
 
 
-def gaps(files: dict[str, Path]) -> dict[str, dict[str, float]]:
+def gaps(files: dict[str, Path], names: Sequence[str] = ("xtb", *LEVELS)) -> dict[str, dict[str, float]]:
     """Force RMSE (meV/Å) and per-atom energy RMSE after a per-element offset fit (meV/atom) between
-    every pair of levels, over all splits; and each level's force RMS."""
+    every pair of ``names`` over all splits (forces where both levels have them), and each level's
+    force RMS."""
     frames = [a for name in SPLITS for a in ase.io.read(files[name], ":")]
-    names = ["xtb", *LEVELS]
     counts = np.array([np.bincount(a.numbers, minlength=9) for a in frames], dtype=float)
     natoms = counts.sum(1)
     result: dict[str, dict[str, float]] = {}
     for level in names:
-        forces = np.concatenate([a.arrays[f"{level}_forces"].ravel() for a in frames])
+        forces = np.concatenate([a.arrays[f"{level}_forces"].ravel() for a in frames if f"{level}_forces" in a.arrays])
         result[level] = {"force_rms_meV_A": float(1000 * np.sqrt((forces**2).mean()))}
     for i, low in enumerate(names):
         for high in names[i + 1 :]:
-            df = np.concatenate([(a.arrays[f"{high}_forces"] - a.arrays[f"{low}_forces"]).ravel() for a in frames])
+            both = [a for a in frames if f"{high}_forces" in a.arrays and f"{low}_forces" in a.arrays]
+            df = np.concatenate([(a.arrays[f"{high}_forces"] - a.arrays[f"{low}_forces"]).ravel() for a in both])
             de = np.array([a.info[f"{high}_energy"] - a.info[f"{low}_energy"] for a in frames])
             residual = de - counts @ np.linalg.lstsq(counts, de, rcond=None)[0]
             result[f"{low}->{high}"] = {
@@ -137,24 +149,26 @@ def gaps(files: dict[str, Path]) -> dict[str, dict[str, float]]:
     return result
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("demo/seed_regime"), help="output directory")
-    parser.add_argument("--seed", type=int, default=2024, help="base seed of every random stream")
-    parser.add_argument("--per-molecule", type=int, default=10, help="geometries per molecule")
+def data_set_parser(
+    doc: str, out: str, seed: int, per_molecule: int, n_test: int, t_range: tuple[float, float], rattle: float
+) -> argparse.ArgumentParser:
+    """The options every data-set script of this kind takes, with its own defaults."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(out), help="output directory")
+    parser.add_argument("--seed", type=int, default=seed, help="base seed of every random stream")
+    parser.add_argument("--per-molecule", type=int, default=per_molecule, help="geometries per molecule")
     parser.add_argument("--n-valid", type=int, default=40, help="validation geometries")
-    parser.add_argument("--n-test", type=int, default=40, help="test geometries")
-    parser.add_argument("--t-min", type=float, default=800.0, help="lowest MD temperature (K)")
-    parser.add_argument("--t-max", type=float, default=1500.0, help="highest MD temperature (K)")
-    parser.add_argument("--rattle", type=float, default=0.03, help="Gaussian rattle on frames (Å)")
+    parser.add_argument("--n-test", type=int, default=n_test, help="test geometries")
+    parser.add_argument("--t-min", type=float, default=t_range[0], help="lowest MD temperature (K)")
+    parser.add_argument("--t-max", type=float, default=t_range[1], help="highest MD temperature (K)")
+    parser.add_argument("--rattle", type=float, default=rattle, help="Gaussian rattle on frames (Å)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="labelling worker processes")
-    return parser.parse_args(argv)
+    return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    opts = SamplingOptions(
+def sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    """GFN2-xTB Langevin MD as ``scripts/make_demo_data.py`` runs it, at the script's temperatures and rattle."""
+    return SamplingOptions(
         t_min=args.t_min,
         t_max=args.t_max,
         timestep_fs=0.5,
@@ -164,6 +178,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         rattle=args.rattle,
         min_dist=0.7,
     )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = data_set_parser(__doc__, "demo/seed_regime", 2024, 10, 40, (800.0, 1500.0), 0.03)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    opts = sampling_options(args)
     start = time.perf_counter()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     configs = sample(args.out, args.seed, args.per_molecule, opts, args.workers)

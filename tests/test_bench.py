@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -12,17 +13,29 @@ from test_run import stock_eval
 
 from mace_mf.config.loading import load_recipe
 from mace_mf.errors import RunError
-from mace_mf.workflows.bench import run_benchmark, standard_arms
+from mace_mf.workflows.bench import low_scaled_arms, run_benchmark, standard_arms
 from mace_mf.workflows.run import train_run
 
 
 def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_file, two_fidelity_files):
     recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=1)
     out = tmp_path / "bench"
-    args = (recipe, out, ["sf-high-e", "sf-high-ef", "mf-delta"], [0], [1.0, 0.5], ["mf-delta"], [])
+    fraction_arms = ["sf-high-e", "mf-transfer"]
+    args = (recipe, out, ["sf-high-e", "sf-high-ef", "mf-delta"], [0], [1.0, 0.5], fraction_arms, [])
     result = run_benchmark(*args, workers=2)  # two runs at a time, in spawned processes
     summary = result["summary"]
-    assert set(summary) == {"sf-high-e", "sf-high-ef", "mf-delta", "mf-delta@0.5"}
+    at_half = {"sf-high-e@0.5", "mf@0.5", "mf-transfer@0.5"}  # mf: where the transfer starts
+    assert set(summary) == {"sf-high-e", "sf-high-ef", "mf-delta", *at_half}
+    transfer = load_recipe(out / "mf-transfer" / "seed0" / "frac0.5" / "recipe.resolved.yaml")
+    assert Path(transfer.foundation.model) == (out / "mf" / "seed0" / "frac0.5" / "models" / "hi.model").resolve()
+    assert transfer.fidelities["lo"].forces_weight == 0 and transfer.fidelities["hi"].label_fraction == 0.5
+    # a decision at each fraction, among that fraction's arms, on the validation forces here
+    decided = result["fraction_decisions"]["0.5"]
+    assert decided["basis"] == "forces" and set(decided["values"]) == {"sf-high-e", "mf", "mf-transfer"}
+    assert (
+        f"With 50% of the hi energies: best on validation hi forces: {decided['best']}"
+        in (out / "results.md").read_text()
+    )
     assert summary["sf-high-e"]["valid/closure"] == pytest.approx(0.0)
     assert summary["sf-high-ef"]["valid/closure"] == pytest.approx(1.0)
     eo, oracle, delta = (summary[k]["test/f_rmse_meV_A"] for k in ("sf-high-e", "sf-high-ef", "mf-delta"))
@@ -31,8 +44,8 @@ def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_f
     resolved = load_recipe(out / "sf-high-e" / "seed0" / "recipe.resolved.yaml")
     assert resolved.fidelities["hi"].forces_weight == 0 and resolved.fidelities["lo"].forces_weight == 0
     assert load_recipe(out / "sf-high-ef" / "seed0" / "recipe.resolved.yaml").fidelities["hi"].forces_weight > 0
-    frac = load_recipe(out / "mf-delta" / "seed0" / "frac0.5" / "recipe.resolved.yaml")
-    assert frac.fidelities["hi"].label_fraction == 0.5 and frac.fidelities["hi"].coupling == "delta"
+    frac = load_recipe(out / "mf" / "seed0" / "frac0.5" / "recipe.resolved.yaml")
+    assert frac.fidelities["hi"].label_fraction == 0.5 and frac.fidelities["lo"].forces_weight == 10.0
     assert "multi-fidelity" in result["verdict"]
     # the lo force labels scored against the hi ones, straight from the test file
     frames = ase.io.read(two_fidelity_files["test"], ":")
@@ -42,7 +55,7 @@ def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_f
     assert gap["configs"] == len(frames)
     assert "lo force labels scored as a model of hi" in (out / "results.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("run.json")}
-    assert len(stamps) == 4
+    assert len(stamps) == 6
     again = run_benchmark(*args)  # one process: same runs, nothing retrained
     assert {p: p.stat().st_mtime_ns for p in out.rglob("run.json")} == stamps
     assert again["summary"] == summary
@@ -89,7 +102,15 @@ def test_every_arm_resolves_to_the_recipe_it_describes(tmp_path, tiny_model_file
     assert got["mf-embedding"].training.fidelity_embedding and hi["mf-embedding"].coupling == "tied"
     assert got["mf-normalised"].training.normalise_weights
     assert got["mf-warmup"].training.freeze_backbone_epochs == 1
+    scaled = low_scaled_arms(["mf", "mf-low0.3", "mf-low1e-2", "mf-lowx"], got["mf"], "lo", "hi")
+    assert set(scaled) == {"mf-low0.3", "mf-low1e-2"}
+    lowered = load_recipe(recipe_file, list(scaled["mf-low1e-2"].overrides))
+    assert lowered.fidelities["lo"].energy_weight == pytest.approx(0.01 * lo["mf"].energy_weight)
+    assert lowered.fidelities["lo"].forces_weight == pytest.approx(0.01 * lo["mf"].forces_weight)
+    assert lowered.fidelities["hi"].coupling_strength == pytest.approx(0.01 * hi["mf"].coupling_strength)
+    assert lowered.fidelities["hi"].coupling == hi["mf"].coupling == "tied"
     assert arms["mace-mh"].runner == "mace_run_train" and got["mace-mh"] == got["mf"]
+    assert arms["mf-transfer"].start_from == "mf" and got["mf-transfer"] == got["sf-high-e"]  # from mf's model
     assert (hi["mf-fps"].label_selection, hi["mf-disagreement"].label_selection) == ("fps", "disagreement")
     assert (
         hi["mf"].label_selection == "random"

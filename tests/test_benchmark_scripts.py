@@ -59,6 +59,36 @@ def test_selection_script_compares_chosen_with_random_subsets():
     assert "| 20% | `fps` | 100 ± 1 | 90 ± 1 | 10.0 ± 0.5 | 9.0 ± 0.2 | yes |" in text
 
 
+def test_crossover_script_finds_where_energies_alone_overtake_and_scores_the_pick():
+    crossover = load("benchmark_crossover")
+    arms = ["sf-high-e", "mf", "mf-low0.1"]
+
+    def row(energies, eo, mf, low, chosen):
+        test = {"sf-high-e": eo, "mf": mf, "mf-low0.1": low}
+        better_end = min(eo, mf)
+        return {
+            "fraction": energies / 100,
+            "energies": energies,
+            "test_f_rmse": test,
+            "test_f_rmse_std": dict.fromkeys(arms, 1.0),
+            "chosen": chosen,
+            "resolved": True,
+            "never_loses": test[chosen] <= 1.05 * better_end,
+            "chosen_gain_over_better_end": 1 - test[chosen] / better_end,
+        }
+
+    rows = [row(5, 500, 300, 310, "mf"), row(20, 300, 300, 250, "mf-low0.1"), row(100, 100, 300, 150, "mf")]
+    rows.append(row(200, 90, 300, 150, "sf-high-e"))
+    # energies alone are worse at 5, equal at 20 (the crossover), better at 100
+    assert crossover.crossover(rows) == pytest.approx(20.0)
+    assert crossover.crossover(rows[:1]) is None
+    text = crossover.markdown({"x": {"high": "hi", "seeds": [0], "rows": rows, "crossover_energies": 20.0}}, arms)
+    assert "energies alone overtake `mf` at about 20 hi energies" in text
+    assert "| 20 (20%) | 300 ± 1 | 300 ± 1 | 250 ± 1 | `mf-low0.1` | yes | -17 % |" in text
+    assert "| 100 (100%) | 100 ± 1 | 300 ± 1 | 150 ± 1 | `mf` | NO | +200 % |" in text
+    assert "| 200 (200%) | 90 ± 1 | 300 ± 1 | 150 ± 1 | `sf-high-e` | yes | 0 % |" in text
+
+
 @pytest.mark.parametrize(
     "name",
     [
@@ -66,6 +96,8 @@ def test_selection_script_compares_chosen_with_random_subsets():
         "benchmark_selection",
         "benchmark_seed_regime",
         "make_seed_regime_data",
+        "make_correlated_data",
+        "benchmark_crossover",
         "benchmark_scale",
         "gpu_check",
     ],

@@ -156,3 +156,49 @@ def test_a_fidelity_without_force_labels_gets_no_force_gradient():
     readout_b = model.readouts[1].linear_2.weight.grad.view(-1, 2)[:, 1]
     assert torch.count_nonzero(model.readouts[1].linear_2.weight.grad.view(-1, 2)[:, 0]) > 0
     assert torch.count_nonzero(readout_b) == 0
+
+
+def test_routed_forces_take_each_graphs_head_in_one_gradient_call():
+    """A batch whose graphs need different heads' forces: each graph's forces are its heads', equal
+    to one gradient call per head, from as many calls as the most heads one graph needs; the loss
+    and its parameter gradients are the same either way."""
+    from mace.tools.torch_geometric import Batch
+
+    from mace_mf.model.forward import routed_forces
+
+    model = perturbed(fidelity_model(build_tiny_mace(), FIDELITIES))
+    z_table = AtomicNumberTable([int(z) for z in model.atomic_numbers])
+    graphs = []
+    for i, (name, labelled) in enumerate([("CH4", (0,)), ("H2O", (2,)), ("NH3", (0, 2)), ("CH3OH", ())]):
+        atoms = molecule(name)
+        atoms.rattle(0.05, seed=i)
+        forces = [np.full((len(atoms), 3), 0.1 * (h + 1)) if h in labelled else None for h in range(3)]
+        energies = [-10.0 * len(atoms) if h in labelled else None for h in range(3)]
+        graphs.append(to_graph(atoms, Labels(energies, forces), z_table, 4.0, FIDELITIES, torch.float64))
+    weights = Weights((1.0, 1.0, 1.0), (10.0, 0.0, 5.0))
+
+    def loss_and_grads(routed: bool):
+        model.zero_grad()
+        data = batch_dict(Batch.from_data_list(graphs))
+        energies = fidelity_energies(model, data, [0, 1, 2])
+        if routed:
+            need = weights.force_need(data["mf_forces_mask"])
+            assert need.tolist() == [[True, False, False], [False, False, True], [True, False, True], [False] * 3]
+            forces = routed_forces(energies, data["positions"], data["batch"], need, create_graph=True)
+        else:
+            plain = fidelity_forces(energies, data["positions"], [0, 2], create_graph=True)
+            forces = dict(zip([0, 2], plain, strict=True))
+        loss, _ = multi_fidelity_loss(energies, forces, data, weights)
+        loss.backward()
+        return forces, loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    routed, loss_routed, grads_routed = loss_and_grads(True)
+    plain, loss_plain, grads_plain = loss_and_grads(False)
+    node_graph = Batch.from_data_list(graphs).batch
+    for h, graphs_needing in ((0, (0, 2)), (2, (1, 2))):
+        nodes = torch.isin(node_graph, torch.tensor(graphs_needing))
+        torch.testing.assert_close(routed[h][nodes], plain[h][nodes], rtol=0, atol=1e-12)
+        assert torch.count_nonzero(routed[h][~nodes]) == 0  # not computed where no graph needs them
+    assert float(loss_routed) == pytest.approx(float(loss_plain), rel=1e-12)
+    for a, b in zip(grads_routed, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -109,13 +109,13 @@ def test_deciding_without_high_level_forces_works_as_written(tmp_path, monkeypat
     assert decision["basis"] == "pairs" and decision["n_pairs"] == 40 and decision["n_energies"] == 80
     assert decision["geometries"] == 8 and 0.0 <= decision["preference"] <= 1.0
     values = decision["values"]
-    assert set(values) == {"sf-high-e", "mf"} and decision["best"] == min(values, key=values.get)
+    assert set(values) == {"sf-high-e", "mf", "mf-transfer"} and decision["best"] == min(values, key=values.get)
     for arm, value in values.items():
         assert value == pytest.approx(summary[arm]["valid/fd_rmse_meV_A"], rel=1e-9)  # one seed: the same number
     assert "on 40 displacement pairs (80 ccsdt energies, 8 validation geometries)" in results
     assert result["verdict"].startswith("by 40 displacement pairs, multi-fidelity")
     assert "Recommended: " in results and (tmp_path / "runs/bench/recommended.yaml").is_file()
-    for arm in ("zero-shot", "sf-high-e", "sf-low", "mf"):
+    for arm in ("zero-shot", "sf-high-e", "sf-low", "mf", "mf-transfer"):
         row = summary[arm]
         assert row["test/f_rmse_meV_A"] is not None  # the test split's forces score every arm
         assert row["valid/fd_rmse_lo_meV_A"] < row["valid/fd_rmse_meV_A"] < row["valid/fd_rmse_hi_meV_A"]

@@ -12,6 +12,7 @@ import torch
 from support import write_recipe
 
 from mace_mf.config.loading import load_recipe
+from mace_mf.data.graphs import Batches
 from mace_mf.errors import RecipeError
 from mace_mf.workflows.replay import generated_pool, replay_recipe, small_molecules
 from mace_mf.workflows.run import train_run
@@ -32,9 +33,9 @@ def pool_file(tmp_path_factory):
     return path
 
 
-def _run(tmp_path, name, tiny_model_file, files, pool, md=False, **replay):
+def _run(tmp_path, name, tiny_model_file, files, pool, md=False, extra=(), **replay):
     recipe_file = write_recipe(tmp_path / f"{name}.yaml", tiny_model_file, files, epochs=1)
-    overrides = [f"replay.pool={pool}", "replay.budget=20", f"md_check.enabled={md}", "replay.md_check=2"]
+    overrides = [f"replay.pool={pool}", "replay.budget=20", f"md_check.enabled={md}", "replay.md_check=2", *extra]
     overrides += [f"replay.{k}={v}" for k, v in replay.items()]
     out = train_run(load_recipe(recipe_file, overrides), tmp_path / name, recipe_file)
     read = lambda f: json.loads((out / f).read_text())  # noqa: E731
@@ -53,10 +54,14 @@ def test_replay_starts_at_the_foundation_and_holds_its_level(tmp_path, tiny_mode
     assert held["n_f"] == 4 and held["f_rmse_meV_A"] < 1e-3 and held["e_rmse_meV_atom"] < 1e-3
     drift_without = measured["valid"]["replay"]["f_rmse_meV_A"]
     assert drift_without > 1.0  # meV/Å: fine-tuning moved the foundation's level
+    assert measured["train"]["replay"]["f_rmse_meV_A"] is None  # measured only: no replay training cost
     assert "nothing replayed" in (measured_out / "report.md").read_text()
     assert not (measured_out / "forgetting.json").read_text().count('"target"')  # md_check off: no MD
-    replay_out, _, replayed = _run(tmp_path, "replayed", tiny_model_file, files, pool_file, md=True)
-    assert replayed["train"]["replay"]["n_f"] == 16
+    fine_tuning = measured["train"]["lo"]["n_e"]
+    # data.max_train limits the fine-tuning data only: every trained replay geometry rides along
+    cap = [f"data.max_train={fine_tuning}"]
+    replay_out, _, replayed = _run(tmp_path, "replayed", tiny_model_file, files, pool_file, md=True, extra=cap)
+    assert replayed["train"]["replay"]["n_f"] == 16 and replayed["train"]["lo"]["n_e"] == fine_tuning
     assert replayed["valid"]["replay"]["f_rmse_meV_A"] < drift_without
     forgetting = json.loads((replay_out / "forgetting.json").read_text())
     assert forgetting["replayed"] and forgetting["held_out"] == 4
@@ -73,6 +78,24 @@ def test_replay_starts_at_the_foundation_and_holds_its_level(tmp_path, tiny_mode
     assert (replay_out / "models" / "replay.model").is_file()
     # the same choice and labels in both runs: cached, keyed by the foundation and the settings
     assert measured["valid"]["replay"]["n_f"] == replayed["valid"]["replay"]["n_f"]
+
+
+def test_replay_geometries_ride_along_the_fine_tuning_batches():
+    """``replay.ride_along``: as many steps as the fine-tuning geometries make alone, every replay
+    geometry once per epoch, shared out evenly, in a permutation that changes with the seed."""
+    riders = np.arange(30, 55)  # 25 replay geometries after 30 fine-tuning ones
+    batches = list(Batches(55, 8, shuffle=True, seed=3, riders=riders))
+    assert len(batches) == len(Batches(55, 8, shuffle=True, seed=3, riders=riders)) == 4  # ceil(30 / 8)
+    drivers = [[i for i in b if i < 30] for b in batches]
+    shares = [[i for i in b if i >= 30] for b in batches]
+    assert [len(d) for d in drivers] == [8, 8, 8, 6]
+    assert sorted(len(s) for s in shares) == [6, 6, 6, 7]
+    assert sorted(i for b in batches for i in b) == list(range(55))
+    other = list(Batches(55, 8, shuffle=True, seed=4, riders=riders))
+    assert [i for b in other for i in b if i >= 30] != [i for s in shares for i in s]
+    assert list(Batches(55, 8, shuffle=True, seed=3, riders=riders, steps=2)) == batches[:2]
+    with pytest.raises(ValueError, match="every position rides"):
+        Batches(5, 8, shuffle=True, seed=3, riders=np.arange(5))
 
 
 def test_a_generated_pool_is_md_of_small_molecules_with_the_foundation_and_cached(tmp_path, tiny_model_file):

@@ -462,6 +462,14 @@ class ReplaySpec(_Section):
             "fine-tuning forgets (the foundation's readout on the fine-tuned backbone)."
         ),
     )
+    ride_along: bool = Field(
+        default=True,
+        description=(
+            "Replay geometries join the fine-tuning data's batches (each batch: `training.batch_size` fine-tuning "
+            "geometries and an even share of the replay set), so an epoch takes as many optimiser steps as without "
+            "replay. false: they are shuffled in and make batches of their own (mace-torch's way)."
+        ),
+    )
     md_check: int = Field(
         default=20,
         ge=0,

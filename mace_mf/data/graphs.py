@@ -212,12 +212,14 @@ class Split:
         shard: tuple[int, int] = (0, 1),
         pin_memory: bool = False,
         persistent: bool = False,
+        riders: np.ndarray | None = None,
     ) -> DataLoader:
         """Batches in file order, or in a permutation fixed by ``seed`` (e.g. seed and epoch); at most
         ``steps`` of them; ``shard`` ``(rank, world)`` takes this rank's contiguous share of each
-        batch. Graphs not kept are built by ``workers`` processes (0: this one); ``persistent`` keeps
-        those processes from one pass to the next (reseed with ``loader.batch_sampler.seed``)."""
-        sampler = Batches(len(self), batch_size, shuffle, seed, steps, shard)
+        batch; ``riders`` (positions) are spread over the others' batches (:class:`Batches`). Graphs
+        not kept are built by ``workers`` processes (0: this one); ``persistent`` keeps those
+        processes from one pass to the next (reseed with ``loader.batch_sampler.seed``)."""
+        sampler = Batches(len(self), batch_size, shuffle, seed, steps, shard, riders)
         workers = 0 if self.graphs is not None else workers
         return DataLoader(
             _Graphs(self),
@@ -247,7 +249,13 @@ class _Graphs(Dataset):
 class Batches(Sampler[list[int]]):
     """Positions batch by batch: in order, or the permutation ``torch.randperm(n, seed)``; each batch
     cut to this rank's contiguous share (sizes differing by at most one) when ``world`` > 1; the
-    first ``steps`` batches only, when given."""
+    first ``steps`` batches only, when given.
+
+    ``riders``: positions that do not make batches of their own but are shared out over the batches
+    of the others (in order, or their own permutation), sizes differing by at most one. Replay
+    geometries ride so (``replay.ride_along``): an epoch takes as many optimiser steps as the
+    fine-tuning data alone, and every step sees both.
+    """
 
     def __init__(
         self,
@@ -257,21 +265,36 @@ class Batches(Sampler[list[int]]):
         seed: int,
         steps: int | None = None,
         shard: tuple[int, int] = (0, 1),
+        riders: np.ndarray | None = None,
     ) -> None:
         self.n, self.batch_size, self.shuffle, self.seed, self.steps = n, batch_size, shuffle, seed, steps
         self.rank, self.world = shard
+        self.riders = np.zeros(0, dtype=np.int64) if riders is None else np.asarray(riders, dtype=np.int64)
+        if len(self.riders) >= n:
+            raise ValueError("riders: every position rides, so no batch would carry them")
+
+    def _order(self, positions: np.ndarray, stream: int) -> np.ndarray:
+        if not self.shuffle:
+            return positions
+        generator = torch.Generator().manual_seed(self.seed + stream)
+        return positions[torch.randperm(len(positions), generator=generator).numpy()]
 
     def __len__(self) -> int:
-        batches = -(-self.n // self.batch_size)
+        batches = -(-(self.n - len(self.riders)) // self.batch_size)
         return batches if self.steps is None else min(batches, self.steps)
 
     def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed)).numpy()
+        if len(self.riders):
+            drivers = np.setdiff1d(np.arange(self.n), self.riders, assume_unique=True)
         else:
-            order = np.arange(self.n)
+            drivers = np.arange(self.n)
+        order = self._order(drivers, 0)
+        total = -(-len(drivers) // self.batch_size)
+        shares = np.array_split(self._order(self.riders, 1), total) if len(self.riders) else None
         for step in range(len(self)):
             batch = order[step * self.batch_size : (step + 1) * self.batch_size]
+            if shares is not None:
+                batch = np.concatenate([batch, shares[step]])
             if self.world > 1:
                 base, extra = divmod(len(batch), self.world)
                 start = self.rank * base + min(self.rank, extra)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from mace.tools import AtomicNumberTable
 
-from mace_mf.config.schema import Recipe
+from mace_mf.config.schema import REPLAY_FIDELITY, FidelitySpec, Recipe
 from mace_mf.data.graphs import GRAPH_BYTES_PER_ATOM, KEEP_GRAPHS_BYTES, GraphRecipe, Split
 from mace_mf.data.pairs import Pairs, read_pairs
 from mace_mf.data.selection import select
@@ -119,10 +119,21 @@ def split_tables(recipe: Recipe) -> Selected:
     if not len(train):
         raise RecipeError("data: valid_fraction + test_fraction leave no training configurations; lower them")
     check_declared_keys(train, specs, "data.train", [valid, *([test] if test is not None else [])])
-    if d.max_train is not None and len(train) > d.max_train:
-        kept, _ = split_off(len(train), len(train) - d.max_train, recipe.seed, salt=3)
-        train = train.take(kept)
+    replayed = replay_only(train, specs)
+    if d.max_train is not None and len(train) - replayed.sum() > d.max_train:
+        core = np.flatnonzero(~replayed)  # the replay set is not fine-tuning data: never cut with it
+        kept, _ = split_off(len(core), len(core) - d.max_train, recipe.seed, salt=3)
+        train = train.take(np.sort(np.concatenate([core[kept], np.flatnonzero(replayed)])))
     return Selected(train, valid, test)
+
+
+def replay_only(table: LabelTable, specs: dict[str, FidelitySpec]) -> np.ndarray:
+    """Which rows carry the replay fidelity's labels and no other (mace_mf.workflows.replay)."""
+    if REPLAY_FIDELITY not in specs:
+        return np.zeros(len(table), dtype=bool)
+    h = list(specs).index(REPLAY_FIDELITY)
+    labelled = table.energy_mask | table.forces_mask
+    return labelled[:, h] & ~np.delete(labelled, h, axis=1).any(axis=1)
 
 
 def select_data(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Module | None = None) -> Selected:

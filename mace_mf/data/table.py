@@ -125,12 +125,13 @@ def check_declared_keys(
     """A declared key that no configuration carries is a typo, not a masked label: the error names the
     stored key nearest it.
 
-    ``scored``: validation/test tables, where forces that are only scored (``forces_weight: 0``, e.g.
-    high-level forces computed for the test split alone) may be the only ones."""
+    ``scored``: validation/test tables, where labels that are only scored (weight 0, e.g. high-level
+    forces computed for the test split alone, or a replay level only measured) may be the only ones."""
     info_keys = {k for s in table.configs.stores for k in s.manifest["info"]}
     array_keys = {k for s in table.configs.stores for k in s.manifest["arrays"]}
     for h, (name, spec) in enumerate(specs.items()):
-        if spec.energy_key is not None and not table.energy_mask[:, h].any():
+        energy_pool = [table] if spec.energy_weight > 0 else [table, *scored]
+        if spec.energy_key is not None and not any(t.energy_mask[:, h].any() for t in energy_pool):
             raise DataError(
                 f"{what}: fidelities.{name}.energy_key {spec.energy_key!r} is in no configuration"
                 f"{_nearest(spec.energy_key, info_keys)}; check the key (atoms.info) or set it to null"

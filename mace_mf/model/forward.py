@@ -113,3 +113,31 @@ def fidelity_forces(
         )
         forces.append(-grad)
     return forces
+
+
+def routed_forces(
+    energies: torch.Tensor, positions: torch.Tensor, batch: torch.Tensor, need: torch.Tensor, create_graph: bool
+) -> dict[int, torch.Tensor]:
+    """Forces ``-dE/dr`` of head ``h`` on the graphs that need them (``need [n_graphs, H]``), as
+    ``{h: [n_nodes, 3]}`` (zero on the nodes of graphs that do not).
+
+    Graphs in a batch share no edges, so one gradient call can take each graph's forces of a
+    different head: it takes as many calls as the most heads any one graph needs, not one per head.
+    A batch that mixes geometries labelled at different fidelities (replay geometries riding along
+    the fine-tuning data, each with its own level's forces) then costs one backward pass, not two.
+    """
+    remaining = need.clone()
+    forces: dict[int, torch.Tensor] = {}
+    while remaining.any():
+        has = remaining.any(dim=1)
+        pick = remaining.to(torch.int8).argmax(dim=1)  # each graph's first head still needed
+        remaining[has, pick[has]] = False
+        chosen = energies.gather(1, pick.unsqueeze(1)).squeeze(1) * has.to(energies.dtype)
+        (grad,) = torch.autograd.grad(
+            chosen.sum(), positions, create_graph=create_graph, retain_graph=create_graph or bool(remaining.any())
+        )
+        node_pick = torch.where(has, pick, -1)[batch]
+        for h in pick[has].unique().tolist():
+            part = -grad * (node_pick == h).unsqueeze(1).to(grad.dtype)
+            forces[h] = forces[h] + part if h in forces else part
+    return forces

@@ -33,11 +33,18 @@ class Weights:
         """Weight of the cross-fidelity force prior of ``head`` (0 when it has none)."""
         return self.base_forces[head] if self.base_forces and self.base[head] is not None else 0.0
 
-    def needs_forces(self, head: int, forces_mask: torch.Tensor) -> bool:
-        """Whether a batch with per-graph ``forces_mask [n_graphs, H]`` needs ``head``'s forces."""
-        own = self.forces[head] > 0.0 and bool(forces_mask[:, head].any())
-        base = self.base[head] if self.base else None
-        return own or (self.prior(head) > 0.0 and base is not None and bool(forces_mask[:, base].any()))
+    def force_need(self, forces_mask: torch.Tensor) -> torch.Tensor:
+        """``[n_graphs, H]``: which graphs' forces of which head the loss reads, given the per-graph
+        ``forces_mask [n_graphs, H]`` (own labels trained on, or the base's labels as a prior)."""
+        labelled = forces_mask.bool()
+        need = torch.zeros_like(labelled)
+        for h in self.force_heads():
+            if self.forces[h] > 0.0:
+                need[:, h] |= labelled[:, h]
+            base = self.base[h] if self.base else None
+            if self.prior(h) > 0.0 and base is not None:
+                need[:, h] |= labelled[:, base]
+        return need
 
 
 def masked_mse(error: torch.Tensor, mask: torch.Tensor, count: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,12 +28,12 @@ from torch.utils.data import DataLoader
 
 from mace_mf.config.schema import Recipe
 from mace_mf.data.graphs import Split, batch_dict
-from mace_mf.data.splits import statistics_sample
+from mace_mf.data.splits import replay_only, statistics_sample
 from mace_mf.errors import RunError
 from mace_mf.evaluation.metrics import compute_metrics
 from mace_mf.evaluation.predict import merge_predictions, predict
 from mace_mf.model.coupling import HeadCoupling, coupling_penalty, couplings
-from mace_mf.model.forward import fidelity_energies, fidelity_forces
+from mace_mf.model.forward import fidelity_energies, routed_forces
 from mace_mf.train.checkpoint import Checkpoints
 from mace_mf.train.distributed import (
     SINGLE,
@@ -95,16 +95,13 @@ class TrainingStep(torch.nn.Module):
         super().__init__()
         self.model = model
         self.weights, self.heads, self.coupled = weights, heads, coupled
-        self.force_heads = weights.force_heads()
 
     def forward(
         self, data: dict[str, torch.Tensor], counts: dict[str, torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
         energies = fidelity_energies(self.model, data, self.heads)
-        trained = [h for h in self.force_heads if self.weights.needs_forces(h, data["mf_forces_mask"])]
-        forces = dict(
-            zip(trained, fidelity_forces(energies, data["positions"], trained, create_graph=True), strict=True)
-        )
+        need = self.weights.force_need(data["mf_forces_mask"])
+        forces = routed_forces(energies, data["positions"], data["batch"], need, create_graph=True)
         loss, terms = multi_fidelity_loss(energies, forces, data, self.weights, counts)
         return loss, terms, coupling_penalty(self.model, self.coupled)
 
@@ -253,9 +250,19 @@ class Trainer:
                 shard=(self.dist.rank, self.dist.world_size),
                 pin_memory=self.device.type == "cuda",
                 persistent=True,
+                riders=self._riders(),
             )
         self._loader.batch_sampler.seed = seed
         return self._loader
+
+    def _riders(self) -> np.ndarray | None:
+        """Positions of the training geometries labelled only by the replay fidelity, when they ride
+        along the fine-tuning data's batches (``replay.ride_along``); None otherwise."""
+        spec = self.recipe.replay
+        if spec is None or not spec.enabled or not spec.ride_along:
+            return None
+        only = replay_only(self.train.table, self.recipe.fidelities)
+        return np.flatnonzero(only) if only.any() and not only.all() else None
 
     def _reduce_step(
         self, loss: torch.Tensor, terms: dict[str, torch.Tensor], penalty: torch.Tensor | None

@@ -32,6 +32,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from mace_mf.config.loading import dump_recipe, load_recipe
-from mace_mf.config.schema import REPLAY_FIDELITY, Recipe, ReplaySpec
+from mace_mf.config.schema import REPLAY_FIDELITY, TIED_STRENGTH, Recipe, ReplaySpec
 from mace_mf.data.splits import split_tables
 from mace_mf.data.store import cache_root, open_configurations
 from mace_mf.data.table import LabelTable, label_table
@@ -72,8 +73,8 @@ PAIRS_NOTE = (
     "pairs would narrow that interval to ±5 % (it narrows as 1/sqrt(pairs))."
 )
 SCORED = ("e_rmse_meV_atom", "f_rmse_meV_A", "f_mae_meV_A", "fd_rmse_meV_A", "n_pairs")
-DEFAULT_ARMS = ("zero-shot", "sf-high-e", "sf-high-ef", "sf-low", "mf")
-DEFAULT_FRACTION_ARMS = ("sf-high-e", "mf")
+DEFAULT_ARMS = ("zero-shot", "sf-high-e", "sf-high-ef", "sf-low", "mf", "mf-transfer")
+DEFAULT_FRACTION_ARMS = ("sf-high-e", "mf", "mf-transfer")
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Arm:
     overrides: tuple[str, ...]
     description: str
     runner: str = "mace_mf"  # or "mace_run_train": upstream mace-torch (mace_mf.workflows.upstream)
+    start_from: str | None = None  # an arm whose high-level model (same seed and fraction) is the foundation
 
 
 def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
@@ -124,6 +126,13 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
             (f"{hi}.forces_weight=0", f"{hi}.base={low}", f"{hi}.coupling=independent", f"{hi}.base_forces_weight=1.0"),
             f"independent heads + {low} forces as a prior on {high} (weight 1)",
         ),
+        Arm(
+            "mf-transfer",
+            (*off_low, *no_prior, f"{hi}.forces_weight=0"),
+            f"{high} energies alone, fine-tuned from the mf arm's {high} model (transfer learning: the low level's "
+            f"forces first, then {high}'s energies)",
+            start_from="mf",
+        ),
         Arm("mf-embedding", ("training.fidelity_embedding=true",), "the recipe + a fidelity embedding in the backbone"),
         Arm("mf-normalised", ("training.normalise_weights=true",), "the recipe + loss weights over label variance"),
         Arm("mf-warmup", ("training.freeze_backbone_epochs=1",), "the recipe + one heads-only warm-up epoch"),
@@ -162,6 +171,48 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
     return {a.name: a for a in arms}
 
 
+LOW_SCALED_ARM = re.compile(r"mf-low(\d+(?:\.\d*)?(?:e-?\d+)?)$")
+
+
+def low_scaled_arms(names: list[str], recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
+    """``mf-low<s>`` arms among ``names``: the recipe with every term through which the low level
+    reaches the high head scaled by ``s``: its energy and force weights, and the high head's coupling
+    strength to it.
+
+    ``s`` is the dial between the two ends: 1 is the recipe (the seed paper's multi-fidelity
+    learning, the high head's forces from the low level), 0 trains what the high-level energies alone
+    train. Where between them is best depends on how far the low level's forces are from the high
+    level's against what the high-level energies teach, so ``bench`` tries several and picks on the
+    pairs. (Scaling the force weight alone does not move the tied high head off the low level's
+    forces: the coupling holds it there.)"""
+    lo, hi = recipe.fidelities[low], recipe.fidelities[high]
+    strength = (
+        hi.coupling_strength if hi.coupling_strength is not None else (TIED_STRENGTH if hi.coupling == "tied" else 0.0)
+    )
+    found = {}
+    for name in names:
+        if match := LOW_SCALED_ARM.match(name):
+            scale = float(match.group(1))
+            overrides = (
+                f"fidelities.{low}.energy_weight={lo.energy_weight * scale:g}",
+                f"fidelities.{low}.forces_weight={lo.forces_weight * scale:g}",
+                f"fidelities.{high}.coupling_strength={strength * scale:g}",
+            )
+            found[name] = Arm(name, overrides, f"the recipe with {low}'s weights and the coupling to it × {scale:g}")
+    return found
+
+
+def with_start_arms(arms: dict[str, Arm], names: list[str]) -> list[str]:
+    """``names`` with the arm each transfer arm starts from, before it, where not already asked for."""
+    result: list[str] = []
+    for name in names:
+        start = arms[name].start_from
+        if start is not None and start not in names and start not in result:
+            result.append(start)
+        result.append(name)
+    return result
+
+
 def missing_labels(recipe: Recipe, train: LabelTable) -> list[str]:
     """The labels that ``recipe`` trains on (a weight above 0) and no training configuration carries."""
     missing = []
@@ -188,7 +239,9 @@ def runnable_arms(
     names = list(default) if asked is None else asked
     unknown = [a for a in names if a not in arms]
     if unknown:
-        raise RecipeError(f"{option}: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}")
+        raise RecipeError(
+            f"{option}: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(arms)}, or mf-low<scale>"
+        )
     runnable, left_out = [], {}
     for name in names:
         missing = missing_labels(load_recipe(recipe_file, [*common, *arms[name].overrides]), train)
@@ -223,13 +276,15 @@ def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}: %(message)s"))
     overrides = [*common, *arm.overrides, f"seed={seed}"]
+    if arm.start_from is not None:
+        overrides.append(f"foundation.model={transfer_start(out, arm.start_from, seed, fraction, high)}")
     if fraction < 1.0:
         overrides.append(f"fidelities.{high}.label_fraction={fraction}")
     recipe = load_recipe(recipe_file, overrides)
-    if arm.runner != "mace_run_train":
-        recipe = recipe.model_copy(
-            update={"export": recipe.export.model_copy(update={"multihead": False, "torchscript": False})}
-        )
+    if arm.runner != "mace_run_train":  # the high-level file is always written: a transfer arm starts from it
+        exported = None if recipe.export.fidelities is None else list(dict.fromkeys([*recipe.export.fidelities, high]))
+        export = {"multihead": False, "torchscript": False, "fidelities": exported}
+        recipe = recipe.model_copy(update={"export": recipe.export.model_copy(update=export)})
     if RunFolder(path).complete():
         _check_reused(path, recipe)
         log.info("%s: complete, not rerun", path)
@@ -242,6 +297,15 @@ def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, 
     log.info("%s: training (%s)", path, arm.description)
     train_run(recipe, path, recipe_file, resume=RunFolder(path).started(), overwrite=False)
     return path
+
+
+def transfer_start(out: Path, arm: str, seed: int, fraction: float, high: str) -> Path:
+    """The exported high-level model of ``arm``'s run with the same seed and fraction: where a
+    transfer arm starts (it runs after that arm, :func:`_run_jobs`)."""
+    model = run_dir(out, arm, seed, fraction).resolve() / "models" / f"{high}.model"
+    if not model.is_file():
+        raise RunError(f"{model}: not found; the transfer arm starts from the {arm} arm's {high} model")
+    return model
 
 
 def _check_reused(path: Path, recipe: Recipe) -> None:
@@ -266,15 +330,25 @@ def _worker_setup(level: int, workers: int) -> None:
 def _run_jobs(
     recipe_file: Path, jobs: list[tuple[Arm, int, float]], high: str, out: Path, common: list[str], workers: int
 ) -> list[Path]:
-    """Run folders of ``jobs`` in order, trained one by one or ``workers`` at a time."""
+    """Run folders of ``jobs`` in order, trained one by one or ``workers`` at a time; arms that start
+    from another arm's model (``start_from``) in a second wave, after every other run."""
+    waves = [[j for j in jobs if j[0].start_from is None], [j for j in jobs if j[0].start_from is not None]]
+    done: dict[tuple[str, int, float], Path] = {}
     if workers <= 1:
-        return [run_arm(recipe_file, arm, seed, fraction, high, out, common) for arm, seed, fraction in jobs]
+        for wave in waves:
+            for arm, seed, fraction in wave:
+                done[(arm.name, seed, fraction)] = run_arm(recipe_file, arm, seed, fraction, high, out, common)
+        return [done[(arm.name, seed, fraction)] for arm, seed, fraction in jobs]
     # spawn, not fork: a forked child would inherit torch's thread pools and any open files mid-write.
     context = multiprocessing.get_context("spawn")
     level = logging.getLogger().getEffectiveLevel()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup, initargs=(level, workers)) as pool:
-        futures = [pool.submit(run_arm, recipe_file, arm, seed, f, high, out, common) for arm, seed, f in jobs]
-        return [future.result() for future in futures]
+        for wave in waves:
+            futures = {
+                (a.name, s, f): pool.submit(run_arm, recipe_file, a, s, f, high, out, common) for a, s, f in wave
+            }
+            done |= {key: future.result() for key, future in futures.items()}
+    return [done[(arm.name, seed, fraction)] for arm, seed, fraction in jobs]
 
 
 def _score(path: Path, high: str) -> dict[str, Any]:
@@ -509,9 +583,10 @@ def decide(
     mf_arm: str,
     out: Path,
     common: list[str],
+    recommend: bool = True,
 ) -> dict[str, Any]:
     """Which arm to train: the lowest validation force error among the recipes for the high level
-    (never :data:`NOT_RECIPES`).
+    (never :data:`NOT_RECIPES`); ``recommend`` writes the chosen recipe (:func:`recommendation`).
 
     On the high level's validation forces where every candidate has them; else on the displacement
     pairs (mean over seeds of each pair's squared error, so every seed's model counts); else none.
@@ -521,6 +596,10 @@ def decide(
     """
     candidates = [k for k in runs if "@" not in k and k not in NOT_RECIPES]
     decision: dict[str, Any] = {"basis": None, "best": None, "runner_up": None, "resolved": False}
+
+    def recommended(best: str) -> str:
+        return f" Recommended: {recommendation(arms[best], recipe_file, out, common)}" if recommend else ""
+
     if len(candidates) < 2:
         decision["line"] = "no decision: run at least two arms besides the oracle"
         return decision
@@ -532,7 +611,7 @@ def decide(
         decision["resolved"] = True
         decision["line"] = (
             f"best on validation {high} forces: {best} ({forces[best]:.0f} meV/Å; next {second} "
-            f"{forces[second]:.0f}). Recommended: {recommendation(arms[best], recipe_file, out, common)}"
+            f"{forces[second]:.0f}).{recommended(best)}"
         )
         return decision
     squared: dict[str, np.ndarray] = {}
@@ -586,10 +665,16 @@ def decide(
         f"decided without {high} forces, on {n} displacement pairs ({2 * n} {high} energies, {geometries} "
         f"validation geometries): {best} has the lowest directional-force RMSE, {values[best]:.0f} meV/Å, "
         f"against {second} {values[second]:.0f} (RMSE ratio {low:.2f}–{high_ratio:.2f}, 90 % bootstrap); preferred in "
-        f"{preference:.0%} of resamples of the pairs: {state}. "
-        f"Recommended: {recommendation(arms[best], recipe_file, out, common)}"
+        f"{preference:.0%} of resamples of the pairs: {state}.{recommended(best)}"
     )
     return decision
+
+
+def at_fraction(by_key: dict[str, Any], fraction: float) -> dict[str, Any]:
+    """The entries of the runs at one fraction of the high-level energies (keys ``arm@fraction``),
+    keyed by arm name: what :func:`decide` chooses among at that fraction."""
+    suffix = f"@{fraction:g}"
+    return {key.removesuffix(suffix): value for key, value in by_key.items() if key.endswith(suffix)}
 
 
 def learning_curve_plot(summary: dict[str, dict[str, Any]], arms: list[str], high: str, path: Path) -> None:
@@ -652,12 +737,14 @@ def run_benchmark(
     if low is None or low not in base.fidelities or high not in base.fidelities:
         raise RecipeError(f"{recipe_file}: the benchmark needs a low and a high fidelity; pass --low/--high")
     arms = standard_arms(base, low, high)
+    arms |= low_scaled_arms([*(arm_names or []), *(fraction_arms or [])], base, low, high)
     train = split_tables(_labelled(base)).train  # which labels the arms can train on, read once
     arm_names, left_out = runnable_arms(train, recipe_file, common, arms, arm_names, DEFAULT_ARMS, "--arms")
     fraction_arms, left_at_fractions = runnable_arms(
         train, recipe_file, common, arms, fraction_arms, DEFAULT_FRACTION_ARMS, "--fraction-arms"
     )
     left_out |= left_at_fractions if any(f < 1.0 for f in fractions) else {}
+    arm_names, fraction_arms = with_start_arms(arms, arm_names), with_start_arms(arms, fraction_arms)
     jobs = [(arms[a], s, 1.0) for a in arm_names for s in seeds]
     jobs += [(arms[a], s, f) for f in fractions if f < 1.0 for a in fraction_arms for s in seeds]
     scores: dict[str, list[dict[str, Any]]] = {}
@@ -670,6 +757,13 @@ def run_benchmark(
     add_pair_intervals(summary, folders, high)
     mf_arm = next((a for a in ("mf", *arm_names) if a in summary and a.startswith("mf")), "mf")
     decision = decide(folders, summary, arms, high, recipe_file, mf_arm, out, common)
+    at_fractions = {
+        f"{f:g}": decide(
+            at_fraction(folders, f), at_fraction(summary, f), arms, high, recipe_file, mf_arm, out, common, False
+        )
+        for f in fractions
+        if f < 1.0
+    }
     gaps = label_gap(base, low, high)
     result = {
         "recipe": str(recipe_file),
@@ -683,6 +777,7 @@ def run_benchmark(
         "left_out": left_out,
         "verdict": decision.get("verdict") or verdict(summary, mf_arm),
         "decision": decision,
+        "fraction_decisions": at_fractions,
     }
     gap_text = gap_line(gaps, summary, low, high)
     atomic_write_text(out / "results.json", json.dumps(result, indent=2))
@@ -698,7 +793,10 @@ def run_benchmark(
         + result["verdict"]
         + "\n\n"
         + decision["line"]
-        + "\n",
+        + "\n"
+        + "".join(
+            f"\nWith {float(f):.0%} of the {high} energies: {d['line']}\n" for f, d in at_fractions.items() if d["best"]
+        ),
     )
     if any(f < 1.0 for f in fractions):
         learning_curve_plot(summary, fraction_arms, high, out / "learning_curve.png")
