@@ -142,7 +142,7 @@ def plot(name: str, high: str, rows: list[dict], arms: list[str], path: Path) ->
     ax.plot(x, [r["test_f_rmse"][r["chosen"]] for r in rows], "k*", ms=12, label="bench's pick (pairs)")
     if (n := crossover(rows)) is not None:
         ax.axvline(n, color="0.5", ls="--", lw=1)
-        ax.text(n, ax.get_ylim()[1], f" crossover ≈ {n:.0f}", va="top", color="0.3", fontsize=9)
+        ax.text(n, ax.get_ylim()[0], f" crossover ≈ {n:.0f}", va="bottom", color="0.3", fontsize=9)
     ax.set_xscale("log")
     ax.set_xticks(x, [str(v) for v in x])
     ax.minorticks_off()
