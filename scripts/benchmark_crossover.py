@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_verdict import DATASETS as VERDICT_SETS
-from benchmark_verdict import Dataset, hide_forces, labelled_pairs
+from benchmark_verdict import Dataset, hide_forces, labelled_pairs, make_ethanol_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = "sf-high-e,mf,mf-low0.1,mf-low0.01,mf-low0.001,mf-low0.0001"
@@ -227,6 +227,8 @@ def main() -> int:
     args = parser.parse_args()
     args.out = args.out.resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if "ethanol" in args.datasets:
+        make_ethanol_data()
     results = {}
     for name in [n for n in args.datasets.split(",") if n]:
         results[name] = run_dataset(DATASETS[name], args)

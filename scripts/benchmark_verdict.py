@@ -103,6 +103,12 @@ def hide_forces(source: str | list[str], forces_key: str, target: Path) -> Path:
     return target
 
 
+def make_ethanol_data() -> None:
+    """Write the ethanol set's files (scripts/make_ethanol_mf.py) where absent and ../shared has its source."""
+    if not DATASETS["ethanol"].needs.is_file() and (ROOT.parent / "shared" / "data" / "botnet_ethanol").is_dir():
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "make_ethanol_mf.py")], check=True)
+
+
 def labelled_pairs(ds: Dataset, valid: str | list[str], energy_key: str, forces_key: str, n: int, work: Path) -> Path:
     """Displacement pairs of the validation geometries with the high level's energies."""
     from mace_mf.data.pairs import make_pairs
@@ -292,10 +298,8 @@ def main() -> int:
     args = parser.parse_args()
     args.out = args.out.resolve()  # recipe overrides name files under it; relative paths would resolve elsewhere
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if "ethanol" in args.datasets and not DATASETS["ethanol"].needs.is_file():
-        maker = ROOT / "scripts" / "make_ethanol_mf.py"
-        if (ROOT.parent / "shared" / "data" / "botnet_ethanol").is_dir():
-            subprocess.run([sys.executable, str(maker)], check=True)
+    if "ethanol" in args.datasets:
+        make_ethanol_data()
     results = {}
     for name in [n for n in args.datasets.split(",") if n]:
         results[name] = run_dataset(DATASETS[name], args)

@@ -13,8 +13,9 @@ from test_run import stock_eval
 
 from mace_mf.config.loading import load_recipe
 from mace_mf.errors import RunError
-from mace_mf.workflows.bench import low_scaled_arms, run_benchmark, standard_arms
+from mace_mf.workflows.bench import low_scaled_arms, recommendation, run_benchmark, standard_arms
 from mace_mf.workflows.run import train_run
+from mace_mf.workflows.transfer import second_stage
 
 
 def test_bench_scores_arms_and_never_reruns_finished_ones(tmp_path, tiny_model_file, two_fidelity_files):
@@ -110,7 +111,12 @@ def test_every_arm_resolves_to_the_recipe_it_describes(tmp_path, tiny_model_file
     assert lowered.fidelities["hi"].coupling_strength == pytest.approx(0.01 * hi["mf"].coupling_strength)
     assert lowered.fidelities["hi"].coupling == hi["mf"].coupling == "tied"
     assert arms["mace-mh"].runner == "mace_run_train" and got["mace-mh"] == got["mf"]
-    assert arms["mf-transfer"].start_from == "mf" and got["mf-transfer"] == got["sf-high-e"]  # from mf's model
+    # the transfer arm is the recipe with its key; bench trains its second stage from the mf arm's model
+    assert arms["mf-transfer"].start_from == "mf" and got["mf-transfer"].transfer.enabled
+    stage = second_stage(got["mf-transfer"], tiny_model_file)
+    assert stage.fidelities == got["sf-high-e"].fidelities and stage.foundation == got["sf-high-e"].foundation
+    assert "mace-mf train" in recommendation(arms["mf-transfer"], recipe_file, tmp_path, [])
+    assert load_recipe(tmp_path / "recommended.yaml").transfer.enabled  # one run that does both stages
     assert (hi["mf-fps"].label_selection, hi["mf-disagreement"].label_selection) == ("fps", "disagreement")
     assert (
         hi["mf"].label_selection == "random"

@@ -416,6 +416,27 @@ class WandbSpec(_Section):
     name: str | None = Field(default=None, description="W&B run name; null: the recipe name.")
 
 
+class TransferSpec(_Section):
+    """Transfer learning after multi-fidelity fine-tuning: a second stage trains the target fidelity's
+    labels alone, starting from the target model that the multi-fidelity stage exported.
+
+    The low level's forces teach the backbone first, and the high level's own energies then move the
+    target head off the low level's force error, which multi-fidelity learning keeps however many
+    high-level energies there are. Past a few dozen high-level energies this beat both multi-fidelity
+    learning and energies alone by about 20 % on B3LYP -> MP2, and lost to multi-fidelity learning in the
+    seed paper's regime (docs/benchmarks.md, "Multi-fidelity or energies alone"): `mace-mf bench`'s
+    `mf-transfer` arm measures it on your data."""
+
+    enabled: bool = Field(
+        default=False,
+        description=(
+            "Train in two stages: the recipe into `<out>/multi-fidelity/`, then the target fidelity alone into "
+            "`<out>` (its model in `<out>/models/`; the other fidelities' files stay in the first stage's folder)."
+        ),
+    )
+    epochs: int | None = Field(default=None, ge=1, description="Epochs of the second stage; null: `training.epochs`.")
+
+
 REPLAY_FIDELITY = "replay"  # the fidelity that `replay:` adds
 
 
@@ -520,6 +541,7 @@ class Recipe(_Section):
             "the foundation is kept. null: no replay."
         ),
     )
+    transfer: TransferSpec = Field(default_factory=TransferSpec)
     wandb: WandbSpec = Field(default_factory=WandbSpec)
 
     @field_validator("fidelities")
@@ -593,6 +615,13 @@ class Recipe(_Section):
                 raise ValueError(
                     f"export.fidelities: {name!r} is not a declared fidelity {declared}; use one of the declared names"
                 )
+        if self.transfer.enabled and len(declared) < 2:
+            raise ValueError("transfer.enabled: the first stage needs a fidelity besides the target; declare one")
+        if self.transfer.enabled and self.replay is not None:
+            raise ValueError(
+                "transfer.enabled with replay: the second stage would replay the first stage's model, not the "
+                "foundation; drop `replay:` or set transfer.enabled=false"
+            )
         return self
 
     @property

@@ -52,6 +52,7 @@ from mace_mf.files import atomic_write_text
 from mace_mf.quiet import silence_known_noise
 from mace_mf.run_folder import RunFolder
 from mace_mf.train.threads import RUNS_ENV
+from mace_mf.workflows.transfer import second_stage
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,9 @@ def standard_arms(recipe: Recipe, low: str, high: str) -> dict[str, Arm]:
         ),
         Arm(
             "mf-transfer",
-            (*off_low, *no_prior, f"{hi}.forces_weight=0"),
-            f"{high} energies alone, fine-tuned from the mf arm's {high} model (transfer learning: the low level's "
-            f"forces first, then {high}'s energies)",
+            ("transfer.enabled=true",),
+            f"the recipe, then {high}'s labels alone from its {high} model (transfer learning: the low level's "
+            f"forces first, then {high}'s energies; the second stage starts from the mf arm's model)",
             start_from="mf",
         ),
         Arm("mf-embedding", ("training.fidelity_embedding=true",), "the recipe + a fidelity embedding in the backbone"),
@@ -276,11 +277,11 @@ def run_arm(recipe_file: Path, arm: Arm, seed: int, fraction: float, high: str, 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(logging.Formatter(f"%(asctime)s {tag}: %(message)s"))
     overrides = [*common, *arm.overrides, f"seed={seed}"]
-    if arm.start_from is not None:
-        overrides.append(f"foundation.model={transfer_start(out, arm.start_from, seed, fraction, high)}")
     if fraction < 1.0:
         overrides.append(f"fidelities.{high}.label_fraction={fraction}")
     recipe = load_recipe(recipe_file, overrides)
+    if arm.start_from is not None:  # its first stage is the start arm's run
+        recipe = second_stage(recipe, transfer_start(out, arm.start_from, seed, fraction, high))
     if arm.runner != "mace_run_train":  # the high-level file is always written: a transfer arm starts from it
         exported = None if recipe.export.fidelities is None else list(dict.fromkeys([*recipe.export.fidelities, high]))
         export = {"multihead": False, "torchscript": False, "fidelities": exported}
@@ -726,6 +727,7 @@ def run_benchmark(
     many runs at once, each in its own process; the runs are independent, so the results do not
     depend on it.
     """
+    common = ["transfer.enabled=false", *common]  # one stage per arm: mf-transfer is the two-stage recipe
     base = load_recipe(recipe_file, common)
     labelled = any(spec.labels is not None for spec in base.fidelities.values())
     if labelled and base.data.label_cache is None:  # one cache for every arm: on-the-fly labels computed once

@@ -46,6 +46,7 @@ from mace_mf.train.trainer import Trainer
 from mace_mf.version import versions
 from mace_mf.workflows.prepare import prepare
 from mace_mf.workflows.report import write_report
+from mace_mf.workflows.transfer import FIRST_STAGE, first_stage, second_stage
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,25 @@ def train_run(
     """Run a recipe into ``out``; return ``out``.
 
     Under torchrun (``WORLD_SIZE`` > 1) each process calls this; only rank 0 writes into ``out``.
+    With ``transfer.enabled`` the run is two runs (:mod:`mace_mf.workflows.transfer`): the recipe into
+    ``out/multi-fidelity``, then the target fidelity alone from its model into ``out``; resuming goes on
+    with the stage that is not complete.
     """
+    if not recipe.transfer.enabled:
+        return _stage_run(recipe, out, recipe_file, resume, overwrite)
+    first, first_recipe = out / FIRST_STAGE, first_stage(recipe)
+    if resume and RunFolder(first).complete():
+        _check_resumable(first, first_recipe)
+        log.info("transfer: the first stage is complete in %s", first)
+    else:
+        _stage_run(first_recipe, first, recipe_file, resume, overwrite)
+    second = second_stage(recipe, RunFolder(first).model(recipe.target).resolve())
+    log.info("transfer: second stage, %s alone from %s", recipe.target, second.foundation.model)
+    return _stage_run(second, out, recipe_file, resume and RunFolder(out).started(), overwrite)
+
+
+def _stage_run(recipe: Recipe, out: Path, recipe_file: Path | None, resume: bool, overwrite: bool) -> Path:
+    """One run of a single-stage recipe into ``out``."""
     started = time.perf_counter()
     with session(resolve_device(recipe.device)) as dist:
         local_batch_size(recipe.training.batch_size, dist)  # every rank refuses, before any folder exists
@@ -188,13 +207,19 @@ def train_run(
 def _claim(recipe: Recipe, out: Path, resume: bool, overwrite: bool) -> dict[str, Any] | None:
     """Take ``out`` for this run (checking a resumed run's recipe); the earlier run's record."""
     previous = prepare_out(out, resume, overwrite)
-    if resume and (changes := changes_from_saved(out, recipe)):
+    if resume:
+        _check_resumable(out, recipe)
+    atomic_write_text(RunFolder(out).resolved_recipe, dump_recipe(recipe))
+    return previous
+
+
+def _check_resumable(out: Path, recipe: Recipe) -> None:
+    """Refuse to resume the run in ``out`` with another recipe."""
+    if changes := changes_from_saved(out, recipe):
         raise RunError(
             f"{RunFolder(out).resolved_recipe}: the recipe differs from the run being resumed ({changes}); "
             "resume with the same recipe and --set options, or start a new --out"
         )
-    atomic_write_text(RunFolder(out).resolved_recipe, dump_recipe(recipe))
-    return previous
 
 
 def changes_from_saved(out: Path, recipe: Recipe) -> str:
