@@ -147,3 +147,22 @@ def test_a_head_with_few_energies_keeps_its_base_levels_reference_energies(
     delta = hi - lo
     np.testing.assert_allclose(delta, composition * (delta @ composition) / (composition @ composition), atol=1e-6)
     assert len(train) == 24
+
+
+def test_only_configurations_with_a_weighed_label_are_trained_on(tmp_path, tiny_model_file, two_fidelity_files):
+    """The high-level energies alone train as if given only the geometries that carry them: no batch of
+    unweighed rows (an optimiser step on no data), whatever the rest of the file holds."""
+    from mace_mf.workflows.run import train_run
+
+    recipe_file = write_recipe(tmp_path / "recipe.yaml", tiny_model_file, two_fidelity_files, epochs=1)
+    foundation, info = load_foundation(str(tiny_model_file), None, torch.float64)
+    low_off = ["fidelities.lo.energy_weight=0", "fidelities.lo.forces_weight=0", "fidelities.hi.base=null"]
+    subset = ["fidelities.hi.label_fraction=0.25", "fidelities.hi.coupling_strength=0"]
+    energies_alone = load_recipe(recipe_file, [*subset, *low_off])
+    train = select_data(energies_alone, info, foundation).train
+    assert len(train) == 6 and train.energy_mask[:, 1].all()  # 25 % of 24
+    assert len(select_data(load_recipe(recipe_file, subset), info, foundation).train) == 24  # lo weighs them all
+    prior = ["fidelities.hi.base=lo", "fidelities.hi.coupling=independent", "fidelities.hi.base_forces_weight=1"]
+    assert len(select_data(load_recipe(recipe_file, [*subset, *low_off[:2], *prior]), info, foundation).train) == 24
+    out = train_run(energies_alone, tmp_path / "run")
+    assert json.loads((out / "history.json").read_text())["epochs"][0]["steps"] == 2  # 6 geometries, batch 4

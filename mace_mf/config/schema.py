@@ -434,7 +434,14 @@ class TransferSpec(_Section):
             "`<out>` (its model in `<out>/models/`; the other fidelities' files stay in the first stage's folder)."
         ),
     )
-    epochs: int | None = Field(default=None, ge=1, description="Epochs of the second stage; null: `training.epochs`.")
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Epochs of the second stage; null: `training.epochs`. It steps through the target-labelled "
+            "configurations only, so with few of them an epoch is a few steps: raise it there."
+        ),
+    )
 
 
 REPLAY_FIDELITY = "replay"  # the fidelity that `replay:` adds

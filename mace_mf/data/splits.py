@@ -127,6 +127,25 @@ def split_tables(recipe: Recipe) -> Selected:
     return Selected(train, valid, test)
 
 
+def weighed_rows(table: LabelTable, specs: dict[str, FidelitySpec]) -> np.ndarray:
+    """Which rows carry a label that some loss term weighs (energy or force weight > 0, or the
+    base's forces where a head takes them as a prior).
+
+    The others add nothing to a batch but its cost, and a batch of only them would still take an
+    optimiser step (Adam moves on its momentum with zero gradients): a run on the high-level
+    energies alone must train as one given only the geometries that carry them."""
+    names = list(specs)
+    weighed = np.zeros(len(table), dtype=bool)
+    for h, spec in enumerate(specs.values()):
+        if spec.energy_weight > 0:
+            weighed |= table.energy_mask[:, h]
+        if spec.forces_weight > 0:
+            weighed |= table.forces_mask[:, h]
+        if spec.base is not None and spec.base_forces_weight > 0:
+            weighed |= table.forces_mask[:, names.index(spec.base)]
+    return weighed
+
+
 def replay_only(table: LabelTable, specs: dict[str, FidelitySpec]) -> np.ndarray:
     """Which rows carry the replay fidelity's labels and no other (mace_mf.workflows.replay)."""
     if REPLAY_FIDELITY not in specs:
@@ -149,6 +168,14 @@ def select_data(recipe: Recipe, info: FoundationInfo, foundation: torch.nn.Modul
             checked.add(id(table.configs))
             check_elements(info, table.configs.elements, f"data.{name}")
     subsample_labels(selected.train, recipe, label_chooser(recipe, selected.train, foundation))
+    weighed = weighed_rows(selected.train, recipe.fidelities)
+    if weighed.any() and not weighed.all():
+        log.info(
+            "data.train: %d of %d configurations carry a label the loss weighs (weight > 0); only they are trained on",
+            weighed.sum(),
+            len(weighed),
+        )
+        selected.train = selected.train.take(np.flatnonzero(weighed))
     t = list(recipe.fidelities).index(recipe.target)
     if not len(selected.valid.labelled(t)):
         raise RecipeError(

@@ -173,14 +173,15 @@ def train_run(
     if not recipe.transfer.enabled:
         return _stage_run(recipe, out, recipe_file, resume, overwrite)
     first, first_recipe = out / FIRST_STAGE, first_stage(recipe)
-    if resume and RunFolder(first).complete():
-        _check_resumable(first, first_recipe)
-        log.info("transfer: the first stage is complete in %s", first)
-    else:
-        _stage_run(first_recipe, first, recipe_file, resume, overwrite)
-    second = second_stage(recipe, RunFolder(first).model(recipe.target).resolve())
-    log.info("transfer: second stage, %s alone from %s", recipe.target, second.foundation.model)
-    return _stage_run(second, out, recipe_file, resume and RunFolder(out).started(), overwrite)
+    with session(resolve_device(recipe.device)):  # one process group for both stages (under torchrun)
+        if resume and RunFolder(first).complete():
+            _check_resumable(first, first_recipe)
+            log.info("transfer: the first stage is complete in %s", first)
+        else:
+            _stage_run(first_recipe, first, recipe_file, resume, overwrite)
+        second = second_stage(recipe, RunFolder(first).model(recipe.target).resolve())
+        log.info("transfer: second stage, %s alone from %s", recipe.target, second.foundation.model)
+        return _stage_run(second, out, recipe_file, resume and RunFolder(out).started(), overwrite)
 
 
 def _stage_run(recipe: Recipe, out: Path, recipe_file: Path | None, resume: bool, overwrite: bool) -> Path:
