@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_verdict import DATASETS as VERDICT_SETS
-from benchmark_verdict import Dataset, hide_forces, labelled_pairs, make_ethanol_data
+from benchmark_verdict import Dataset, hide_forces, labelled_pairs, run_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = "sf-high-e,mf,mf-low0.1,mf-low0.01,mf-low0.001,mf-low0.0001"
@@ -227,15 +227,14 @@ def main() -> int:
     args = parser.parse_args()
     args.out = args.out.resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if "ethanol" in args.datasets:
-        make_ethanol_data()
-    results = {}
-    for name in [n for n in args.datasets.split(",") if n]:
-        results[name] = run_dataset(DATASETS[name], args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "crossover.json").write_text(json.dumps(results, indent=2))
-        (args.out / "crossover.md").write_text(markdown(results, [a for a in args.arms.split(",") if a]))
-    print((args.out / "crossover.md").read_text())
+    arms = [a for a in args.arms.split(",") if a]
+    run_datasets(
+        args.datasets,
+        lambda name: run_dataset(DATASETS[name], args),
+        args.out,
+        "crossover",
+        lambda r: markdown(r, arms),
+    )
     return 0
 
 

@@ -40,6 +40,7 @@ import json
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,6 +108,20 @@ def make_ethanol_data() -> None:
     """Write the ethanol set's files (scripts/make_ethanol_mf.py) where absent and ../shared has its source."""
     if not DATASETS["ethanol"].needs.is_file() and (ROOT.parent / "shared" / "data" / "botnet_ethanol").is_dir():
         subprocess.run([sys.executable, str(ROOT / "scripts" / "make_ethanol_mf.py")], check=True)
+
+
+def run_datasets(names: str, run: Callable[[str], dict], out: Path, stem: str, render: Callable[[dict], str]) -> None:
+    """Each of the comma-separated data sets in turn (the ethanol files made first where asked for),
+    ``<stem>.json`` and ``<stem>.md`` rewritten after each so that a stopped run keeps what finished."""
+    if "ethanol" in names:
+        make_ethanol_data()
+    results: dict[str, dict] = {}
+    for name in [n for n in names.split(",") if n]:
+        results[name] = run(name)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.json").write_text(json.dumps(results, indent=2))
+        (out / f"{stem}.md").write_text(render(results))
+    print((out / f"{stem}.md").read_text())
 
 
 def labelled_pairs(ds: Dataset, valid: str | list[str], energy_key: str, forces_key: str, n: int, work: Path) -> Path:
@@ -298,15 +313,7 @@ def main() -> int:
     args = parser.parse_args()
     args.out = args.out.resolve()  # recipe overrides name files under it; relative paths would resolve elsewhere
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if "ethanol" in args.datasets:
-        make_ethanol_data()
-    results = {}
-    for name in [n for n in args.datasets.split(",") if n]:
-        results[name] = run_dataset(DATASETS[name], args)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "verdict.json").write_text(json.dumps(results, indent=2))
-        (args.out / "verdict.md").write_text(markdown(results))
-    print((args.out / "verdict.md").read_text())
+    run_datasets(args.datasets, lambda name: run_dataset(DATASETS[name], args), args.out, "verdict", markdown)
     return 0
 
 

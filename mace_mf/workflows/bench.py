@@ -336,19 +336,19 @@ def _run_jobs(
     waves = [[j for j in jobs if j[0].start_from is None], [j for j in jobs if j[0].start_from is not None]]
     done: dict[tuple[str, int, float], Path] = {}
     if workers <= 1:
-        for wave in waves:
-            for arm, seed, fraction in wave:
-                done[(arm.name, seed, fraction)] = run_arm(recipe_file, arm, seed, fraction, high, out, common)
-        return [done[(arm.name, seed, fraction)] for arm, seed, fraction in jobs]
-    # spawn, not fork: a forked child would inherit torch's thread pools and any open files mid-write.
-    context = multiprocessing.get_context("spawn")
-    level = logging.getLogger().getEffectiveLevel()
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup, initargs=(level, workers)) as pool:
-        for wave in waves:
-            futures = {
-                (a.name, s, f): pool.submit(run_arm, recipe_file, a, s, f, high, out, common) for a, s, f in wave
-            }
-            done |= {key: future.result() for key, future in futures.items()}
+        for arm, seed, fraction in (job for wave in waves for job in wave):
+            done[(arm.name, seed, fraction)] = run_arm(recipe_file, arm, seed, fraction, high, out, common)
+    else:
+        # spawn, not fork: a forked child would inherit torch's thread pools and any open files mid-write.
+        context = multiprocessing.get_context("spawn")
+        level = logging.getLogger().getEffectiveLevel()
+        setup = (level, workers)
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_setup, initargs=setup) as pool:
+            for wave in waves:
+                futures = {
+                    (a.name, s, f): pool.submit(run_arm, recipe_file, a, s, f, high, out, common) for a, s, f in wave
+                }
+                done |= {key: future.result() for key, future in futures.items()}
     return [done[(arm.name, seed, fraction)] for arm, seed, fraction in jobs]
 
 

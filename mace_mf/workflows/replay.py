@@ -201,8 +201,7 @@ def replay_recipe(recipe: Recipe, model: torch.nn.Module, elements: set[int], ca
         coupling_strength=0.0,
     )
     data = recipe.data
-    replayed = spec.energy_weight > 0.0 or spec.forces_weight > 0.0  # else only measured: no training cost
-    train = [*_listed(data.train), *([labelled["train"]] if replayed else [])]
+    train = [*_listed(data.train), labelled["train"]]  # with weights 0 not trained on (splits.weighed_rows)
     valid = [*_listed(data.valid), labelled["valid"]] if data.valid is not None else None
     if valid is None:  # validation is split off the training files: the held-out geometries join them
         train.append(labelled["valid"])
